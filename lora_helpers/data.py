@@ -1,0 +1,295 @@
+"""Real data, downloaded safely, and the datasets built from it.
+
+Every file is checked against its sha256 before use. Downloads go to a temporary file that is
+renamed into place only once complete and verified, so an interrupted download never leaves a
+file that looks finished. Set ``LORA_DATA_DIR`` to a pre-filled copy to work offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .settings import artifacts_dir, data_dir
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded from any of its addresses."""
+
+
+class CorruptFileError(RuntimeError):
+    """A file's sha256 does not match the expected one."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A file the notebooks need: where it lives in the data folder and how to get it."""
+
+    path: str  # relative to the data folder
+    sha256: str
+    urls: tuple[str, ...]  # tried in order: main address first, then backups
+    zip_member: str | None = None  # set when the URLs serve a zip holding the file
+
+
+RESOURCES = {
+    "tinyshakespeare": Resource(
+        path="corpus/tinyshakespeare.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        urls=(
+            "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        ),
+    ),
+    "the-verdict": Resource(
+        path="corpus/the-verdict.txt",
+        sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
+        urls=(
+            "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch02/01_main-chapter-code/the-verdict.txt",
+        ),
+    ),
+    "sms_spam": Resource(
+        path="sms_spam/SMSSpamCollection",
+        sha256="7d039a24a6083ed9ef0f806ebad56bbb976e3aeb8de05669173bfdc4996c239d",
+        urls=(
+            "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip",
+            "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip",
+        ),
+        zip_member="SMSSpamCollection",
+    ),
+}
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Raise CorruptFileError unless ``path`` has the expected sha256."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise CorruptFileError(
+            f"{path} is corrupt or not the expected file: sha256 is {actual}, expected "
+            f"{expected}. Delete it and run again to download a fresh copy."
+        )
+
+
+def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Download ``url`` to ``dest`` atomically (temporary file, then rename), with a progress bar.
+
+    On any failure the temporary file is removed and ``dest`` is left untouched.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def safe_extract(archive: Path, member: str, dest: Path) -> None:
+    """Extract one ``member`` of a zip file to ``dest``, refusing names that leave its folder."""
+    target_dir = dest.parent.resolve()
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            resolved = (target_dir / info.filename).resolve()
+            if not resolved.is_relative_to(target_dir):
+                raise ValueError(
+                    f"Refusing to extract {archive}: member {info.filename!r} would be written "
+                    f"outside {target_dir}."
+                )
+        if member not in zf.namelist():
+            raise CorruptFileError(f"{archive} has no member {member!r}: {zf.namelist()}")
+        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, zf.open(member) as src:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp_name, dest)
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+
+
+def _download_verified(resource: Resource, url: str, dest: Path, timeout: float) -> None:
+    """Fetch one address into ``dest``; only a file with the right sha256 is kept."""
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        staged = Path(tmp) / dest.name
+        if resource.zip_member:
+            archive = Path(tmp) / "download.zip"
+            download_file(url, archive, timeout)
+            safe_extract(archive, resource.zip_member, staged)
+        else:
+            download_file(url, staged, timeout)
+        verify_sha256(staged, resource.sha256)
+        os.replace(staged, dest)
+
+
+def fetch(name: str, timeout: float = 30.0) -> Path:
+    """Return the verified local path of resource ``name``, downloading it if needed.
+
+    A file already in the data folder is verified and used without any network call.
+    """
+    if name not in RESOURCES:
+        raise KeyError(f"Unknown resource {name!r}; known: {sorted(RESOURCES)}")
+    resource = RESOURCES[name]
+    dest = data_dir() / resource.path
+    if dest.exists():
+        verify_sha256(dest, resource.sha256)
+        return dest
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for url in resource.urls:
+        try:
+            _download_verified(resource, url, dest, timeout)
+            return dest
+        except (OSError, urllib.error.URLError, CorruptFileError, zipfile.BadZipFile) as err:
+            failures.append(f"  {url}: {err}")
+    raise DownloadError(
+        f"Could not download {name!r} (no network, or the file changed upstream):\n"
+        + "\n".join(failures)
+        + f"\nDownload it by hand and place it at {dest} (sha256 {resource.sha256}), or set "
+        "LORA_DATA_DIR to a folder that already holds it (e.g. an offline copy)."
+    )
+
+
+def load_text(name: str) -> str:
+    """The verified text of a corpus resource, e.g. ``load_text("tinyshakespeare")``."""
+    return fetch(name).read_text(encoding="utf-8")
+
+
+# --- next-token prediction -------------------------------------------------------------------
+
+
+class NextTokenDataset(Dataset):
+    """Sliding windows over a token stream: input ``ids[i:i+n]``, target ``ids[i+1:i+n+1]``.
+
+    ``stride`` is how far the window moves; ``stride == context_length`` gives
+    non-overlapping windows (every token is predicted once per epoch).
+    """
+
+    def __init__(self, token_ids: list[int] | torch.Tensor, context_length: int, stride: int):
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        if len(ids) <= context_length:
+            raise ValueError(
+                f"Need more than context_length={context_length} tokens to make one window, "
+                f"got {len(ids)}. Use more text or a shorter context."
+            )
+        self.ids = ids
+        self.context_length = context_length
+        self.starts = range(0, len(ids) - context_length, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.starts[i]
+        window = self.ids[start : start + self.context_length + 1]
+        return window[:-1], window[1:]
+
+
+def create_dataloader(
+    token_ids: list[int] | torch.Tensor,
+    batch_size: int,
+    context_length: int,
+    stride: int | None = None,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    seed: int = 123,
+) -> DataLoader:
+    """A DataLoader of (input, target) windows; shuffling is seeded so runs repeat."""
+    dataset = NextTokenDataset(token_ids, context_length, stride or context_length)
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator
+    )
+
+
+# --- SMS Spam Collection ---------------------------------------------------------------------
+
+Message = tuple[str, str]  # (label, text), label is "ham" or "spam"
+SPLIT_NAMES = ("train", "validation", "test", "unused")
+
+
+def load_sms_spam() -> list[Message]:
+    """All 5,574 (label, text) pairs, read as plain tab-separated lines (quotes are text)."""
+    lines = fetch("sms_spam").read_text(encoding="utf-8").splitlines()
+    messages = []
+    for number, line in enumerate(lines, start=1):
+        label, sep, text = line.partition("\t")
+        if not sep or label not in ("ham", "spam"):
+            raise CorruptFileError(f"SMSSpamCollection line {number} is malformed: {line[:80]!r}")
+        messages.append((label, text))
+    return messages
+
+
+def split_sms_spam(messages: list[Message], seed: int = 123) -> dict[str, list[Message]]:
+    """Balance by undersampling ham to the spam count, shuffle, split 70/10/20 (seeded).
+
+    The ham left out by undersampling is kept as ``unused`` (unlabelled pretraining text).
+    """
+    rng = random.Random(seed)
+    ham = [m for m in messages if m[0] == "ham"]
+    spam = [m for m in messages if m[0] == "spam"]
+    rng.shuffle(ham)
+    balanced = ham[: len(spam)] + spam
+    rng.shuffle(balanced)
+    n_train, n_val = int(0.7 * len(balanced)), int(0.1 * len(balanced))
+    return {
+        "train": balanced[:n_train],
+        "validation": balanced[n_train : n_train + n_val],
+        "test": balanced[n_train + n_val :],
+        "unused": ham[len(spam) :],
+    }
+
+
+def sms_spam_split(seed: int = 123) -> dict[str, list[Message]]:
+    """The balanced split, read from ``artifacts/sms_spam_split/`` or made and saved there,
+    so that every notebook uses the very same split."""
+    folder = artifacts_dir() / f"sms_spam_split_seed{seed}"
+    if all((folder / f"{name}.tsv").exists() for name in SPLIT_NAMES):
+        return {name: _read_tsv(folder / f"{name}.tsv") for name in SPLIT_NAMES}
+    split = split_sms_spam(load_sms_spam(), seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in split.items():
+        _write_tsv(folder / f"{name}.tsv", rows)
+    return split
+
+
+def sms_pretraining_texts(split: dict[str, list[Message]]) -> list[str]:
+    """Unlabelled SMS text that is safe to pretrain on: the training messages and the unused
+    ham, minus every message whose exact text also occurs in the validation or test split."""
+    held_out = {text for name in ("validation", "test") for _, text in split[name]}
+    return [text for name in ("train", "unused") for _, text in split[name] if text not in held_out]
+
+
+def _write_tsv(path: Path, rows: list[Message]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_tsv(path: Path) -> list[Message]:
+    rows = [line.partition("\t") for line in path.read_text(encoding="utf-8").splitlines()]
+    return [(label, text) for label, _, text in rows]

@@ -1,0 +1,24 @@
+"""Pick the best available device: CUDA GPU, then Apple MPS, then CPU."""
+
+from __future__ import annotations
+
+import torch
+
+
+def get_device(verbose: bool = True) -> torch.device:
+    """Return cuda → mps → cpu, whichever comes first, and print a one-line report."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        name = torch.cuda.get_device_name(device)
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        report = f"Using CUDA GPU: {name} ({memory:.0f} GiB), torch {torch.__version__}"
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+        report = f"Using Apple GPU (MPS), torch {torch.__version__}"
+    else:
+        device = torch.device("cpu")
+        threads = torch.get_num_threads()
+        report = f"Using CPU ({threads} threads), torch {torch.__version__}: no GPU found"
+    if verbose:
+        print(report)
+    return device

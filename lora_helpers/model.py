@@ -1,0 +1,232 @@
+"""A GPT written out the way the notebooks teach it (GPT-2 architecture, pre-norm blocks).
+
+Names follow the notebooks: ``att.W_query/W_key/W_value/out_proj`` and ``ff.fc1/fc2`` inside
+each block, ``out_head`` on top. Attention runs through PyTorch's fused
+``scaled_dot_product_attention`` by default; ``use_sdpa = False`` runs the explicit math
+from notebook 02, and the tests check that both agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Everything that fixes the architecture (and so the shapes of the weights)."""
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.0
+    qkv_bias: bool = False
+    tie_weights: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # OpenAI's GPT-2 family: 1024-token context, biases on the q/k/v projections, tied head.
+    "gpt2-124M": GPTConfig(emb_dim=768, n_layers=12, n_heads=12, qkv_bias=True),
+    "gpt2-355M": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16, qkv_bias=True),
+    "gpt2-774M": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20, qkv_bias=True),
+    "gpt2-1558M": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25, qkv_bias=True),
+    # Our from-scratch base (notebook 04): 30M parameters, 256-token context (SMS fits easily).
+    "scratch-30M": GPTConfig(context_length=256, emb_dim=384, n_layers=6, n_heads=6, drop_rate=0.1),
+    # A tiny model for quick mode (CI) and tests.
+    "scratch-tiny": GPTConfig(context_length=64, emb_dim=64, n_layers=2, n_heads=2),
+}
+
+
+def gpt_config(name: str, **overrides) -> GPTConfig:
+    """A preset from PRESETS, optionally with some fields changed (e.g. ``drop_rate=0.0``)."""
+    if name not in PRESETS:
+        raise KeyError(f"Unknown GPT preset {name!r}; choose one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with separate query, key and value projections."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError(f"d_out={d_out} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.use_sdpa = True  # fused kernel; False runs the explicit computation below
+        mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n_tokens, _ = x.shape
+        # (b, n_tokens, d_out) -> (b, num_heads, n_tokens, head_dim)
+        q, k, v = (
+            proj(x).view(b, n_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.W_query, self.W_key, self.W_value)
+        )
+        if self.use_sdpa:
+            p = self.dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(self.mask[:n_tokens, :n_tokens], float("-inf"))
+            weights = self.dropout(torch.softmax(scores, dim=-1))
+            context = weights @ v
+        context = context.transpose(1, 2).reshape(b, n_tokens, -1)
+        return self.out_proj(context)
+
+
+class LayerNorm(nn.Module):
+    """Normalise each token's features to mean 0, variance 1, then scale and shift."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same as (x - mean) / sqrt(var + eps) * scale + shift, in one fused kernel.
+        return F.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
+
+
+class FeedForward(nn.Module):
+    """Expand to 4x the width, apply GELU (GPT-2's tanh approximation), project back."""
+
+    def __init__(self, emb_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(emb_dim, 4 * emb_dim)
+        self.fc2 = nn.Linear(4 * emb_dim, emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + feed-forward(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.att = MultiHeadAttention(
+            cfg.emb_dim, cfg.emb_dim, cfg.context_length, cfg.drop_rate, cfg.n_heads, cfg.qkv_bias
+        )
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.ff = FeedForward(cfg.emb_dim)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))
+        return x
+
+
+class GPTModel(nn.Module):
+    """Token + position embeddings, a stack of transformer blocks, a final norm, a head."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2's init: residual projections scaled down by the depth.
+        for name, param in self.named_parameters():
+            if name.endswith(("out_proj.weight", "fc2.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.tie_weights:  # the output head reuses the token embedding matrix
+            self.out_head.weight = self.tok_emb.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden_states(self, in_idx: torch.Tensor) -> torch.Tensor:
+        """The final-norm output, (batch, n_tokens, emb_dim): what the head reads."""
+        n_tokens = in_idx.shape[1]
+        if n_tokens > self.cfg.context_length:
+            raise ValueError(
+                f"Input has {n_tokens} tokens but the model's context_length is "
+                f"{self.cfg.context_length}; crop the input (e.g. idx[:, -context_length:])."
+            )
+        positions = torch.arange(n_tokens, device=in_idx.device)
+        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
+        return self.final_norm(self.trf_blocks(x))
+
+    def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary for every position, (batch, n_tokens, vocab_size)."""
+        return self.out_head(self.hidden_states(in_idx))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of distinct parameters (a tied weight counts once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@torch.no_grad()
+def generate(
+    model: GPTModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Extend ``idx`` (batch, n_tokens) by up to ``max_new_tokens`` tokens.
+
+    ``temperature=0`` is greedy decoding; otherwise sample from softmax(logits / temperature),
+    restricted to the ``top_k`` most likely tokens if given. Stops early once every sequence
+    has produced ``eos_id``. Pass a seeded ``generator`` for repeatable samples.
+    """
+    was_training = model.training
+    model.eval()
+    context_length = model.cfg.context_length
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -context_length:])[:, -1, :]
+        if top_k is not None:
+            kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        if temperature > 0:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+        else:
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        if eos_id is not None:
+            next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
+            finished |= next_id.squeeze(1) == eos_id
+        idx = torch.cat([idx, next_id], dim=1)
+        if eos_id is not None and finished.all():
+            break
+    model.train(was_training)
+    return idx
