@@ -1,0 +1,167 @@
+import hashlib
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_helpers import data
+
+
+def _resource(monkeypatch, tmp_path, payload: bytes, *, urls, zip_member=None, sha=None):
+    """Register a resource 'demo' served from file:// URLs, with the data folder in tmp_path."""
+    monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path / "data"))
+    resource = data.Resource(
+        path="demo/file.txt",
+        sha256=sha or hashlib.sha256(payload).hexdigest(),
+        urls=tuple(urls),
+        zip_member=zip_member,
+    )
+    monkeypatch.setitem(data.RESOURCES, "demo", resource)
+    return tmp_path / "data" / "demo" / "file.txt"
+
+
+def _serve(tmp_path: Path, name: str, payload: bytes) -> str:
+    path = tmp_path / "server" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(payload)
+    return path.as_uri()
+
+
+def test_fetch_downloads_verifies_and_then_uses_the_local_copy(monkeypatch, tmp_path):
+    url = _serve(tmp_path, "f.txt", b"hello")
+    dest = _resource(monkeypatch, tmp_path, b"hello", urls=[url])
+    assert data.fetch("demo") == dest and dest.read_bytes() == b"hello"
+    (tmp_path / "server" / "f.txt").unlink()  # the second call needs no network
+    assert data.fetch("demo") == dest
+
+
+def test_backup_address_is_used_when_the_first_fails(monkeypatch, tmp_path):
+    good = _serve(tmp_path, "f.txt", b"hello")
+    dest = _resource(monkeypatch, tmp_path, b"hello", urls=[good + ".missing", good])
+    assert data.fetch("demo").read_bytes() == b"hello"
+    assert dest.exists()
+
+
+def test_corrupt_download_is_refused_and_leaves_no_file(monkeypatch, tmp_path):
+    url = _serve(tmp_path, "f.txt", b"tampered")
+    dest = _resource(monkeypatch, tmp_path, b"hello", urls=[url])
+    with pytest.raises(data.DownloadError, match="sha256"):
+        data.fetch("demo")
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []  # no temporary files either
+
+
+def test_corrupt_local_file_is_reported_never_used(monkeypatch, tmp_path):
+    dest = _resource(monkeypatch, tmp_path, b"hello", urls=[])
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"hellO")
+    with pytest.raises(data.CorruptFileError, match="corrupt"):
+        data.fetch("demo")
+
+
+def test_interrupted_download_leaves_no_file(monkeypatch, tmp_path):
+    class Broken(io.BytesIO):
+        headers = {"Content-Length": "1000"}
+
+        def read(self, n=-1):
+            if self.tell() > 0:
+                raise ConnectionResetError("connection dropped")
+            return super().read(10)
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: Broken(b"x" * 1000))
+    dest = tmp_path / "out" / "file.bin"
+    with pytest.raises(ConnectionResetError):
+        data.download_file("https://example.invalid/file.bin", dest)
+    assert not dest.exists()
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_no_network_error_says_where_to_put_the_file(monkeypatch, tmp_path):
+    dest = _resource(monkeypatch, tmp_path, b"x", urls=["http://127.0.0.1:9/nothing-listens"])
+    with pytest.raises(data.DownloadError) as info:
+        data.fetch("demo", timeout=2)
+    assert str(dest) in str(info.value) and "LORA_DATA_DIR" in str(info.value)
+
+
+def _zip(tmp_path: Path, members: dict[str, bytes]) -> Path:
+    path = tmp_path / "server" / "archive.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, payload in members.items():
+            zf.writestr(name, payload)
+    return path
+
+
+def test_zip_member_is_extracted_and_verified(monkeypatch, tmp_path):
+    archive = _zip(tmp_path, {"readme": b"r", "file.txt": b"content"})
+    dest = _resource(
+        monkeypatch, tmp_path, b"content", urls=[archive.as_uri()], zip_member="file.txt"
+    )
+    assert data.fetch("demo").read_bytes() == b"content"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["file.txt"]
+
+
+def test_zip_paths_leaving_the_target_folder_are_refused(tmp_path):
+    archive = _zip(tmp_path, {"../evil.txt": b"boom", "file.txt": b"ok"})
+    dest = tmp_path / "target" / "file.txt"
+    dest.parent.mkdir()
+    with pytest.raises(ValueError, match="outside"):
+        data.safe_extract(archive, "file.txt", dest)
+    assert not (tmp_path / "evil.txt").exists() and not dest.exists()
+
+
+def test_next_token_windows_are_shifted_by_one():
+    ids = list(range(20))
+    ds = data.NextTokenDataset(ids, context_length=4, stride=4)
+    assert len(ds) == 4  # starts 0, 4, 8, 12 (16 would need token 20)
+    x, y = ds[1]
+    assert x.tolist() == [4, 5, 6, 7] and y.tolist() == [5, 6, 7, 8]
+    overlapping = data.NextTokenDataset(ids, context_length=4, stride=1)
+    assert len(overlapping) == 16
+    with pytest.raises(ValueError, match="context_length"):
+        data.NextTokenDataset(ids[:4], context_length=4, stride=1)
+
+
+def test_dataloader_batches_and_seeded_shuffle():
+    ids = torch.arange(1000)
+    batches = [x for x, _ in data.create_dataloader(ids, batch_size=8, context_length=16, seed=1)]
+    again = [x for x, _ in data.create_dataloader(ids, batch_size=8, context_length=16, seed=1)]
+    assert batches[0].shape == (8, 16)
+    assert len(batches) == (1000 - 16 + 15) // 16 // 8  # 62 windows, drop_last
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_sms_spam_counts_and_balanced_split():
+    messages = data.load_sms_spam()
+    assert len(messages) == 5574
+    assert sum(label == "spam" for label, _ in messages) == 747
+    assert any('"' in text for _, text in messages)  # quotes kept, lines never merged
+    split = data.split_sms_spam(messages, seed=123)
+    assert {k: len(v) for k, v in split.items()} == {
+        "train": 1045,
+        "validation": 149,
+        "test": 300,
+        "unused": 4827 - 747,
+    }
+    balanced = split["train"] + split["validation"] + split["test"]
+    assert sum(label == "spam" for label, _ in balanced) == 747
+    assert split == data.split_sms_spam(messages, seed=123)
+    assert split["train"] != data.split_sms_spam(messages, seed=7)["train"]
+
+
+def test_split_is_saved_and_reloaded_identically(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    first = data.sms_spam_split()
+    assert list(tmp_path.rglob("train.tsv"))
+    assert data.sms_spam_split() == first
+
+
+def test_pretraining_texts_exclude_every_validation_and_test_text():
+    split = data.split_sms_spam(data.load_sms_spam(), seed=123)
+    texts = data.sms_pretraining_texts(split)
+    held_out = {t for name in ("validation", "test") for _, t in split[name]}
+    assert texts and held_out.isdisjoint(texts)
+    train_only = {t for _, t in split["train"]} - held_out
+    assert train_only <= set(texts)

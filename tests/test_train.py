@@ -1,0 +1,94 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_helpers.data import create_dataloader
+from lora_helpers.model import GPTModel, gpt_config
+from lora_helpers.train import (
+    CheckpointError,
+    cosine_schedule,
+    evaluate,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+    train,
+)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tiny_model, tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", tiny_model, step=7, val_loss=1.5)
+    loaded, meta = load_checkpoint(path)
+    loaded.eval()
+    idx = torch.randint(0, 1000, (2, 16))
+    assert torch.equal(loaded(idx), tiny_model(idx))
+    assert meta == {"step": 7, "val_loss": 1.5}
+    assert loaded.out_head.weight is loaded.tok_emb.weight  # tying survives the round trip
+    assert read_checkpoint_metadata(path)["config"]["emb_dim"] == 64
+
+
+def test_loading_into_another_architecture_names_the_difference(tiny_model, tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", tiny_model)
+    other = GPTModel(gpt_config("scratch-tiny", vocab_size=1000, n_layers=3))
+    with pytest.raises(CheckpointError, match="n_layers: checkpoint 2 vs model 3"):
+        load_checkpoint(path, model=other)
+
+
+def test_foreign_or_missing_files_are_clear_errors(tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a lora_helpers GPT checkpoint"):
+        load_checkpoint(foreign)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(garbage)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_missing_tensor_is_an_error(tiny_model, tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", tiny_model)
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    del tensors["final_norm.scale"]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="missing \\['final_norm.scale'\\]"):
+        load_checkpoint(path)
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    f = cosine_schedule(max_steps=100, warmup_steps=10, min_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_training_lowers_the_loss_and_saves_the_best(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16))
+    ids = torch.arange(2000) % 50  # a perfectly predictable sequence
+    train_loader = create_dataloader(ids, batch_size=8, context_length=16)
+    val_loader = create_dataloader(ids, batch_size=8, context_length=16, shuffle=False)
+    device = torch.device("cpu")
+    before = evaluate(model, val_loader, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ckpt = tmp_path / "best.safetensors"
+    history = train(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        device,
+        max_steps=40,
+        eval_every=10,
+        checkpoint_path=ckpt,
+    )
+    assert history.steps == [10, 20, 30, 40]
+    assert history.best_val_loss == min(history.val_loss) < before / 4
+    best, meta = load_checkpoint(ckpt)
+    assert meta["step"] == history.best_step
+    assert evaluate(best, val_loader, device) == pytest.approx(history.best_val_loss, abs=1e-5)
