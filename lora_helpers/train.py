@@ -104,11 +104,13 @@ def train(
     grad_clip: float | None = 1.0,
     lr_schedule: Callable[[int], float] | None = None,
     checkpoint_path: str | Path | None = None,
+    checkpoint_metadata: dict | None = None,
 ) -> History:
     """Train for ``max_steps`` optimizer steps, cycling through ``train_loader``.
 
     Every ``eval_every`` steps (and at the end) the validation loss is measured; when it is the
-    best so far and ``checkpoint_path`` is given, the model is saved there.
+    best so far and ``checkpoint_path`` is given, the model is saved there (with the step, the
+    validation loss and ``checkpoint_metadata``).
     """
     history = History()
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -141,7 +143,13 @@ def train(
             if val_loss < history.best_val_loss:
                 history.best_val_loss, history.best_step = val_loss, step + 1
                 if checkpoint_path is not None:
-                    save_checkpoint(checkpoint_path, model, step=step + 1, val_loss=val_loss)
+                    save_checkpoint(
+                        checkpoint_path,
+                        model,
+                        step=step + 1,
+                        val_loss=val_loss,
+                        **(checkpoint_metadata or {}),
+                    )
             progress.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{val_loss:.3f}")
     history.seconds = time.perf_counter() - start
     return history

@@ -1,0 +1,156 @@
+"""The from-scratch base model of the collection: its recipe, its data, and how to get it.
+
+Notebook 04 walks through these steps one by one; later notebooks call ``load_base_model()``,
+which loads the saved checkpoint or, if there is none, pretrains it again with a progress bar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from .data import NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
+from .model import GPTModel, count_parameters, gpt_config
+from .settings import artifacts_dir, is_quick
+from .tokenizer import END_OF_TEXT, get_tokenizer
+from .train import History, cosine_schedule, load_checkpoint, train
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Model size and training budget for pretraining the base model."""
+
+    preset: str = "scratch-30M"
+    dropout: float = 0.2  # the corpus is small (~0.5M tokens): regularise
+    batch_size: int = 32
+    max_steps: int = 3000
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    eval_every: int = 100
+    val_fraction: float = 0.1
+    max_train_tokens: int | None = None  # cap per corpus (quick mode only)
+    seed: int = 123
+
+
+FULL_RECIPE = PretrainRecipe()
+QUICK_RECIPE = PretrainRecipe(
+    preset="scratch-tiny",
+    dropout=0.0,
+    batch_size=8,
+    max_steps=40,
+    lr=3e-3,
+    warmup_steps=5,
+    eval_every=20,
+    max_train_tokens=20_000,
+)
+
+
+def pretrain_recipe() -> PretrainRecipe:
+    """QUICK_RECIPE when ``LORA_QUICK=1``, else FULL_RECIPE."""
+    return QUICK_RECIPE if is_quick() else FULL_RECIPE
+
+
+def base_checkpoint_path() -> Path:
+    """Where the pretrained base model is saved (``artifacts/``, or ``artifacts/quick/``)."""
+    return artifacts_dir() / "gpt_base_scratch.safetensors"
+
+
+def sms_corpus_text() -> str:
+    """The unlabelled SMS text, one message after another, each ended by ``<|endoftext|>``.
+
+    Only training messages and the ham left out of the balanced split: no validation or test
+    message of notebook 06 is ever seen in pretraining.
+    """
+    return "".join(text + END_OF_TEXT for text in sms_pretraining_texts(sms_spam_split()))
+
+
+def pretraining_corpora(
+    tokenizer: tiktoken.Encoding, recipe: PretrainRecipe
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Token ids of each corpus, split into ``train`` (first part) and ``val`` (last part)."""
+    corpora = {}
+    for name, text in (("shakespeare", load_text("tinyshakespeare")), ("sms", sms_corpus_text())):
+        ids = torch.tensor(tokenizer.encode(text, allowed_special={END_OF_TEXT}))
+        n_train = int(len(ids) * (1 - recipe.val_fraction))
+        train_ids, val_ids = ids[:n_train], ids[n_train:]
+        if recipe.max_train_tokens is not None:
+            train_ids = train_ids[: recipe.max_train_tokens]
+            val_ids = val_ids[: recipe.max_train_tokens // 8]
+        corpora[name] = {"train": train_ids, "val": val_ids}
+    return corpora
+
+
+def pretraining_loaders(
+    corpora: dict[str, dict[str, torch.Tensor]], context_length: int, recipe: PretrainRecipe
+) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """One shuffled training loader over both corpora (windows overlapping by half), and one
+    validation loader per corpus (non-overlapping windows)."""
+    train_sets = [
+        NextTokenDataset(c["train"], context_length, context_length // 2) for c in corpora.values()
+    ]
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train_loader = DataLoader(
+        ConcatDataset(train_sets),
+        batch_size=recipe.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+    )
+    val_loaders = {
+        name: DataLoader(
+            NextTokenDataset(c["val"], context_length, context_length), batch_size=recipe.batch_size
+        )
+        for name, c in corpora.items()
+    }
+    return train_loader, val_loaders
+
+
+def pretrain_base(
+    device: torch.device, recipe: PretrainRecipe | None = None
+) -> tuple[GPTModel, History]:
+    """Pretrain the base model as notebook 04 does; the best checkpoint (by validation loss on
+    both corpora together) is saved to ``base_checkpoint_path()`` and returned."""
+    recipe = recipe or pretrain_recipe()
+    torch.manual_seed(recipe.seed)
+    cfg = gpt_config(recipe.preset, drop_rate=recipe.dropout)
+    model = GPTModel(cfg).to(device)
+    corpora = pretraining_corpora(get_tokenizer(), recipe)
+    train_loader, val_loaders = pretraining_loaders(corpora, cfg.context_length, recipe)
+    both = ConcatDataset([loader.dataset for loader in val_loaders.values()])
+    val_loader = DataLoader(both, batch_size=recipe.batch_size)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
+    )
+    history = train(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        device,
+        max_steps=recipe.max_steps,
+        eval_every=recipe.eval_every,
+        lr_schedule=cosine_schedule(recipe.max_steps, recipe.warmup_steps),
+        checkpoint_path=base_checkpoint_path(),
+        checkpoint_metadata={"recipe": asdict(recipe)},
+    )
+    best, _ = load_checkpoint(base_checkpoint_path(), device=device)
+    return best, history
+
+
+def load_base_model(device: torch.device) -> GPTModel:
+    """The pretrained base from notebook 04: loaded if saved, otherwise pretrained now."""
+    path = base_checkpoint_path()
+    if not path.exists():
+        print(f"No base checkpoint at {path}: pretraining it now, exactly as notebook 04 does.")
+        pretrain_base(device)
+    model, meta = load_checkpoint(path, device=device)
+    print(
+        f"Loaded the base model ({count_parameters(model):,} parameters, step {meta['step']}, "
+        f"validation loss {meta['val_loss']:.3f}) from {path}"
+    )
+    return model

@@ -1,0 +1,46 @@
+import torch
+
+from lora_helpers import pretrain
+from lora_helpers.data import sms_pretraining_texts, sms_spam_split
+from lora_helpers.tokenizer import END_OF_TEXT, get_tokenizer
+
+
+def test_sms_corpus_holds_no_validation_or_test_message():
+    split = sms_spam_split()
+    corpus = pretrain.sms_corpus_text()
+    messages = corpus.split(END_OF_TEXT)
+    assert messages[-1] == "" and messages[:-1] == sms_pretraining_texts(split)
+    held_out = {text for name in ("validation", "test") for _, text in split[name]}
+    assert held_out.isdisjoint(messages)
+
+
+def test_corpora_are_split_without_overlap():
+    recipe = pretrain.FULL_RECIPE
+    corpora = pretrain.pretraining_corpora(get_tokenizer(), recipe)
+    assert set(corpora) == {"shakespeare", "sms"}
+    shakespeare = corpora["shakespeare"]
+    assert len(shakespeare["train"]) + len(shakespeare["val"]) == 338_025
+    assert len(shakespeare["val"]) == 338_025 - int(338_025 * 0.9)
+
+
+def test_quick_pretraining_saves_a_base_that_later_notebooks_load(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    recipe = pretrain.PretrainRecipe(
+        preset="scratch-tiny",
+        dropout=0.0,
+        batch_size=4,
+        max_steps=6,
+        warmup_steps=2,
+        eval_every=3,
+        max_train_tokens=3_000,
+    )
+    monkeypatch.setattr(pretrain, "pretrain_recipe", lambda: recipe)
+    device = torch.device("cpu")
+    model = pretrain.load_base_model(device)  # no checkpoint yet: pretrains first
+    assert "pretraining it now" in capsys.readouterr().out
+    assert pretrain.base_checkpoint_path().exists()
+    again = pretrain.load_base_model(device)  # now simply loaded
+    assert "pretraining it now" not in capsys.readouterr().out
+    idx = torch.randint(0, 50257, (1, 20))
+    model.eval(), again.eval()
+    assert torch.equal(model(idx), again(idx))
