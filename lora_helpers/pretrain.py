@@ -110,26 +110,23 @@ def pretraining_loaders(
     return train_loader, val_loaders
 
 
-def pretrain_base(
-    device: torch.device, recipe: PretrainRecipe | None = None
-) -> tuple[GPTModel, History]:
-    """Pretrain the base model as notebook 04 does; the best checkpoint (by validation loss on
-    both corpora together) is saved to ``base_checkpoint_path()`` and returned."""
-    recipe = recipe or pretrain_recipe()
-    torch.manual_seed(recipe.seed)
-    cfg = gpt_config(recipe.preset, drop_rate=recipe.dropout)
-    model = GPTModel(cfg).to(device)
-    corpora = pretraining_corpora(get_tokenizer(), recipe)
-    train_loader, val_loaders = pretraining_loaders(corpora, cfg.context_length, recipe)
+def run_pretraining(
+    model: GPTModel,
+    train_loader: DataLoader,
+    val_loaders: dict[str, DataLoader],
+    device: torch.device,
+    recipe: PretrainRecipe,
+) -> History:
+    """AdamW with warm-up and cosine decay, gradient clipping, bf16 on GPUs; the checkpoint with
+    the best validation loss (both corpora together) is saved to ``base_checkpoint_path()``."""
     both = ConcatDataset([loader.dataset for loader in val_loaders.values()])
-    val_loader = DataLoader(both, batch_size=recipe.batch_size)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
     )
-    history = train(
+    return train(
         model,
         train_loader,
-        val_loader,
+        DataLoader(both, batch_size=recipe.batch_size),
         optimizer,
         device,
         max_steps=recipe.max_steps,
@@ -138,8 +135,18 @@ def pretrain_base(
         checkpoint_path=base_checkpoint_path(),
         checkpoint_metadata={"recipe": asdict(recipe)},
     )
-    best, _ = load_checkpoint(base_checkpoint_path(), device=device)
-    return best, history
+
+
+def pretrain_base(device: torch.device, recipe: PretrainRecipe | None = None) -> GPTModel:
+    """Pretrain the base model exactly as notebook 04 does and return the best checkpoint."""
+    recipe = recipe or pretrain_recipe()
+    torch.manual_seed(recipe.seed)
+    cfg = gpt_config(recipe.preset, drop_rate=recipe.dropout)
+    model = GPTModel(cfg).to(device)
+    corpora = pretraining_corpora(get_tokenizer(), recipe)
+    train_loader, val_loaders = pretraining_loaders(corpora, cfg.context_length, recipe)
+    run_pretraining(model, train_loader, val_loaders, device, recipe)
+    return load_checkpoint(base_checkpoint_path(), device=device)[0]
 
 
 def load_base_model(device: torch.device) -> GPTModel:
