@@ -1,0 +1,353 @@
+"""LoRA: a trainable low-rank update ``scaling · (x A) B`` added to a frozen linear layer.
+
+Layout as in notebook 05: ``A`` is (in_features, rank), ``B`` is (rank, out_features), so the
+update of an ``nn.Linear`` weight (out × in) is ``ΔW = scaling · (A B)ᵀ``. B starts at zero,
+so a freshly wrapped model computes exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+SCALING_RULES = ("standard", "rslora")  # alpha / rank (LoRA paper) or alpha / sqrt(rank)
+INITS = ("default", "gaussian", "olora")
+
+# Names of our GPT's linear layers, grouped for ``apply_lora(targets=...)``.
+TARGET_GROUPS = {
+    "attention": ("W_query", "W_key", "W_value", "out_proj"),
+    "attention_qv": ("W_query", "W_value"),
+    "feed_forward": ("fc1", "fc2"),
+    "blocks": ("W_query", "W_key", "W_value", "out_proj", "fc1", "fc2"),
+    "head": ("out_head",),
+}
+
+
+class LoRAAlreadyAppliedError(RuntimeError):
+    """A target layer already carries a LoRA adapter."""
+
+
+def lora_scaling(alpha: float, rank: int, rule: str = "standard") -> float:
+    """The factor the low-rank update is multiplied by: alpha/rank, or alpha/√rank (rsLoRA)."""
+    if rule == "standard":
+        return alpha / rank
+    if rule == "rslora":
+        return alpha / math.sqrt(rank)
+    raise ValueError(f"Unknown scaling rule {rule!r}; choose one of {SCALING_RULES}.")
+
+
+def check_lora_args(
+    in_dim: int, out_dim: int, rank: int, alpha: float, scaling: str, dropout: float, init: str
+) -> None:
+    """Raise ValueError, saying what was given and what is allowed, for any bad argument."""
+    max_rank = min(in_dim, out_dim)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+    if rank > max_rank:
+        raise ValueError(
+            f"rank={rank} is larger than min(in_features={in_dim}, out_features={out_dim}) = "
+            f"{max_rank}: such an update cannot have rank {rank}. Use 1 <= rank <= {max_rank}."
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be finite, got {alpha!r}.")
+    if scaling not in SCALING_RULES:
+        raise ValueError(f"scaling must be one of {SCALING_RULES}, got {scaling!r}.")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}.")
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update alone: ``scaling · dropout(x) @ A @ B``."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        rank: int,
+        alpha: float,
+        scaling: str = "standard",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        check_lora_args(in_dim, out_dim, rank, alpha, scaling, dropout, "default")
+        self.rank, self.alpha, self.scaling_rule = rank, alpha, scaling
+        self.scaling = lora_scaling(alpha, rank, scaling)
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        # Kaiming-uniform over A's input dimension, as nn.Linear and PEFT initialise it.
+        nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (self.dropout(x) @ self.A @ self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in ``nn.Linear``'s weight layout (out × in): scaling · (A B)ᵀ."""
+        return self.scaling * (self.A @ self.B).T
+
+
+class LinearWithLoRA(nn.Module):
+    """A frozen ``nn.Linear`` plus a LoRA update: ``linear(x) + lora(x)``, or, once merged,
+    a single linear layer whose weight already holds the update."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rank: int,
+        alpha: float,
+        scaling: str = "standard",
+        dropout: float = 0.0,
+        init: str = "default",
+    ):
+        super().__init__()
+        check_lora_args(
+            linear.in_features, linear.out_features, rank, alpha, scaling, dropout, init
+        )
+        self.linear = linear
+        self.lora = LoRALayer(
+            linear.in_features, linear.out_features, rank, alpha, scaling, dropout
+        ).to(linear.weight.device)
+        self.merged = False
+        if init == "gaussian":
+            nn.init.normal_(self.lora.A, std=1 / rank)
+        elif init == "olora":
+            self._init_olora()
+
+    @torch.no_grad()
+    def _init_olora(self) -> None:
+        """OLoRA: W = QR; A, B start as the first r rows of R and columns of Q, and the frozen
+        weight gives up their scaled product, so the layer's output is unchanged."""
+        weight = self.linear.weight
+        q, r = torch.linalg.qr(weight.float())  # thin QR: q (out, k), r (k, in)
+        q_r, r_r = q[:, : self.lora.rank], r[: self.lora.rank]
+        self.lora.A.copy_(r_r.T)  # (in, rank)
+        self.lora.B.copy_(q_r.T)  # (rank, out)
+        weight.sub_((self.lora.scaling * q_r @ r_r).to(weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.linear(x)
+        return self.linear(x) + self.lora(x)
+
+    def merged_weight(self) -> torch.Tensor:
+        """What the linear weight becomes when the update is merged into it."""
+        weight = self.linear.weight
+        return weight + self.lora.delta_weight().to(weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, safe: bool = True) -> None:
+        """Add the update into the linear weight (a no-op if already merged). With ``safe``,
+        refuse, changing nothing, if the merged weight would hold inf or NaN."""
+        if self.merged:
+            return
+        merged = self.merged_weight()
+        if safe and not torch.isfinite(merged).all():
+            raise ValueError(
+                "Merging would put inf/NaN into the weight (the LoRA update is not finite or "
+                "overflows this dtype); the layer is left unmerged."
+            )
+        self.linear.weight.copy_(merged)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (a no-op if not merged)."""
+        if not self.merged:
+            return
+        weight = self.linear.weight
+        weight.sub_(self.lora.delta_weight().to(weight.dtype))
+        self.merged = False
+
+
+def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """The seed's recipe: wrap every ``nn.Linear`` of ``model``, recursively, in place."""
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            setattr(model, name, LinearWithLoRA(module, rank, alpha))
+        elif not isinstance(module, LinearWithLoRA):
+            replace_linear_with_lora(module, rank, alpha)
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    """Every LoRA-wrapped layer of ``model``, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The target candidates: plain linear layers and LoRA-wrapped ones (not their insides)."""
+    layers, wrapped = {}, []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in wrapped):
+            continue
+        if isinstance(module, LinearWithLoRA):
+            wrapped.append(f"{name}.")
+        if isinstance(module, (nn.Linear, LinearWithLoRA)):
+            layers[name] = module
+    return layers
+
+
+def _matches(name: str, target: str) -> bool:
+    return (
+        name == target
+        or name.rsplit(".", 1)[-1] == target
+        or re.fullmatch(target, name) is not None
+    )
+
+
+def _resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Names of the layers that ``targets`` (group names, layer names or regexes) select."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    patterns = [p for t in targets for p in TARGET_GROUPS.get(t, (t,))]
+    layers = _linear_layers(model)
+    unmatched = [p for p in patterns if not any(_matches(name, p) for name in layers)]
+    if unmatched or not patterns:
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
+        raise ValueError(
+            f"LoRA targets {unmatched or targets} match no linear layer of this model. Use a group "
+            f"({', '.join(TARGET_GROUPS)}), a layer kind ({', '.join(kinds)}), a full name "
+            f"(e.g. {next(iter(layers), '?')!r}) or a regular expression over full names."
+        )
+    return [name for name in layers if any(_matches(name, p) for p in patterns)]
+
+
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: str | Iterable[str] = "blocks",
+    scaling: str = "standard",
+    dropout: float = 0.0,
+    init: str = "default",
+    freeze_base: bool = True,
+    also_train: Iterable[str] = (),
+) -> nn.Module:
+    """Wrap the chosen linear layers of ``model`` with LoRA, in place.
+
+    ``targets``: group names from TARGET_GROUPS, layer names such as ``"W_query"``, full names,
+    or regular expressions over full names. With ``freeze_base``, every parameter except the
+    LoRA factors and those of the modules in ``also_train`` is frozen.
+    """
+    names = _resolve_targets(model, targets)
+    already = [n for n in names if isinstance(model.get_submodule(n), LinearWithLoRA)]
+    if already:
+        raise LoRAAlreadyAppliedError(
+            f"These layers already have LoRA: {already}. Apply LoRA once; to start over, build "
+            "a fresh model (or load the base checkpoint again)."
+        )
+    shared = _shared_parameter_names(model)
+    tied = [n for n in names if f"{n}.weight" in shared]
+    if tied:
+        raise ValueError(
+            f"{tied} share their weight with {sorted(shared[f'{tied[0]}.weight'])}: a LoRA update "
+            "merged into it would change those too. Leave it out of the targets, or untie it "
+            "first (e.g. replace the head with a new nn.Linear)."
+        )
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(
+            parent,
+            child,
+            LinearWithLoRA(getattr(parent, child), rank, alpha, scaling, dropout, init),
+        )
+    if freeze_base:
+        freeze_except_lora(model, also_train)
+    return model
+
+
+def _shared_parameter_names(model: nn.Module) -> dict[str, set[str]]:
+    """For each parameter name whose tensor is also registered elsewhere, the other names."""
+    by_tensor: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(p), set()).add(name)
+    return {n: names - {n} for names in by_tensor.values() if len(names) > 1 for n in names}
+
+
+def freeze_except_lora(model: nn.Module, also_train: Iterable[str] = ()) -> None:
+    """Make only the LoRA factors trainable, plus the parameters of the modules named in
+    ``also_train`` (e.g. a new classification head: ``also_train=["out_head"]``)."""
+    also_train = list(also_train)
+    for name in also_train:
+        model.get_submodule(name)  # raises AttributeError naming a missing module
+    for name, param in model.named_parameters():
+        is_lora = name.endswith((".lora.A", ".lora.B"))
+        in_also = any(name == m or name.startswith(f"{m}.") for m in also_train)
+        param.requires_grad = is_lora or in_also
+
+
+def merge_lora(model: nn.Module, safe: bool = True) -> int:
+    """Merge every LoRA layer into its linear weight; returns how many were merged. With
+    ``safe``, every merged weight is checked first and nothing changes if one is not finite."""
+    layers = [m for m in lora_layers(model).values() if not m.merged]
+    with torch.no_grad():
+        finite = [torch.isfinite(layer.merged_weight()).all() for layer in layers] if safe else []
+    if not all(finite):
+        raise ValueError(
+            "Merging would put inf/NaN into a weight; nothing was merged. Check the "
+            "LoRA parameters (training may have diverged) or merge in a wider dtype."
+        )
+    for layer in layers:
+        layer.merge(safe=False)
+    return len(layers)
+
+
+def unmerge_lora(model: nn.Module) -> int:
+    """Undo ``merge_lora``; returns how many layers were unmerged."""
+    layers = [m for m in lora_layers(model).values() if m.merged]
+    for layer in layers:
+        layer.unmerge()
+    return len(layers)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA factors (what an adapter file needs), keyed by full parameter name."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora.A", ".lora.B"))}
+
+
+def layer_type(param_name: str) -> str:
+    """The kind of layer a parameter of our GPT belongs to, for parameter reports."""
+    if param_name.endswith((".lora.A", ".lora.B")):
+        return "LoRA"
+    kinds = {
+        "tok_emb.": "token embedding",
+        "pos_emb.": "position embedding",
+        ".att.": "attention",
+        ".ff.": "feed-forward",
+        "norm": "layer norms",
+        "out_head.": "output head",
+    }
+    return next((kind for key, kind in kinds.items() if key in param_name), "other")
+
+
+def parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Parameter counts per layer type and in total: ``{type: {"total", "trainable"}}``."""
+    report: dict[str, dict[str, int]] = {}
+    for name, param in model.named_parameters():
+        row = report.setdefault(layer_type(name), {"total": 0, "trainable": 0})
+        row["total"] += param.numel()
+        row["trainable"] += param.numel() if param.requires_grad else 0
+    report["all"] = {k: sum(row[k] for row in report.values()) for k in ("total", "trainable")}
+    return report
+
+
+def format_parameter_report(model: nn.Module) -> str:
+    """The parameter report as a small text table: total, trainable and frozen per type."""
+    lines = [f"{'layer type':20s} {'total':>13s} {'trainable':>13s} {'frozen':>13s}"]
+    for kind, row in parameter_report(model).items():
+        frozen = row["total"] - row["trainable"]
+        lines.append(f"{kind:20s} {row['total']:13,} {row['trainable']:13,} {frozen:13,}")
+    return "\n".join(lines)
+
+
+def lora_parameter_count(in_dim: int, out_dim: int, rank: int) -> int:
+    """The closed form: a LoRA update of one (out × in) layer has rank · (in + out) parameters."""
+    return rank * (in_dim + out_dim)

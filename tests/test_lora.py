@@ -1,0 +1,278 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lora_helpers.lora import (
+    LinearWithLoRA,
+    LoRAAlreadyAppliedError,
+    LoRALayer,
+    apply_lora,
+    freeze_except_lora,
+    lora_layers,
+    lora_parameter_count,
+    lora_scaling,
+    lora_state_dict,
+    merge_lora,
+    parameter_report,
+    replace_linear_with_lora,
+    unmerge_lora,
+)
+from lora_helpers.model import GPTModel, count_parameters, gpt_config
+
+
+def untied_tiny(seed=0) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(gpt_config("scratch-tiny", vocab_size=1000, tie_weights=False)).eval()
+
+
+IDX = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def one_step(model: nn.Module) -> None:
+    """One AdamW step on a next-token loss: makes every B non-zero."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    logits = model(IDX[:, :-1])
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), IDX[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+
+
+def test_seed_layer_and_replace_wraps_every_linear(tiny_model):
+    layer = LoRALayer(6, 4, rank=2, alpha=4)
+    assert layer.A.shape == (6, 2) and layer.B.shape == (2, 4)
+    assert torch.equal(layer.B, torch.zeros(2, 4))
+    base = untied_tiny()
+    expected = base(IDX)
+    n_linear = sum(isinstance(m, nn.Linear) for m in base.modules())
+    replace_linear_with_lora(base, rank=2, alpha=2)
+    assert len(lora_layers(base)) == n_linear == 2 * 6 + 1
+    assert torch.equal(base(IDX), expected)
+
+
+def test_default_init_gives_exactly_the_base_logits():
+    base = untied_tiny()
+    expected = base(IDX)
+    apply_lora(base, rank=4, alpha=8, targets=["blocks", "head"])
+    assert torch.equal(base(IDX), expected)
+
+
+def test_olora_init_keeps_the_output_within_tolerance():
+    base = untied_tiny()
+    expected = base(IDX)
+    apply_lora(base, rank=4, alpha=8, targets="blocks", init="olora")
+    layer = base.trf_blocks[0].att.W_query
+    assert not torch.equal(layer.lora.B, torch.zeros_like(layer.lora.B))  # factors from QR
+    torch.testing.assert_close(base(IDX), expected, rtol=0, atol=1e-5)
+
+
+def test_olora_factors_come_from_the_qr_of_the_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    original = linear.weight.detach().clone()
+    layer = LinearWithLoRA(linear, rank=3, alpha=3, init="olora")
+    q, r = torch.linalg.qr(original)
+    torch.testing.assert_close(layer.lora.A, r[:3].T)
+    torch.testing.assert_close(layer.lora.B, q[:, :3].T)
+    # the frozen weight gave up exactly the scaled rank-3 part: W' + ΔW == W
+    torch.testing.assert_close(layer.linear.weight + layer.lora.delta_weight(), original)
+
+
+def test_gaussian_init_has_std_one_over_rank():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(512, 512), rank=8, alpha=8, init="gaussian")
+    assert layer.lora.A.std().item() == pytest.approx(1 / 8, rel=0.05)
+    assert torch.equal(layer.lora.B, torch.zeros_like(layer.lora.B))
+
+
+def test_default_init_of_a_matches_nn_linear_bound():
+    torch.manual_seed(0)
+    layer = LoRALayer(1024, 64, rank=16, alpha=16)
+    bound = 1 / math.sqrt(1024)  # kaiming_uniform(a=√5) over the input dimension
+    assert layer.A.abs().max().item() <= bound
+    assert layer.A.abs().max().item() > 0.95 * bound
+
+
+def test_scaling_rules():
+    assert lora_scaling(16, 8) == 2.0
+    assert lora_scaling(16, 16, "rslora") == 4.0
+    assert LoRALayer(8, 8, rank=4, alpha=8, scaling="rslora").scaling == 4.0
+
+
+def test_after_one_step_merge_unmerge_and_what_changed():
+    model = untied_tiny()
+    apply_lora(model, rank=4, alpha=8, targets="blocks")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    one_step(model)
+    model.eval()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith((".lora.A", ".lora.B")) for k in changed)
+    assert all(k in changed for k in before if k.endswith(".lora.B"))  # every B moved off zero
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == name.endswith((".lora.A", ".lora.B")), name
+
+    unmerged = model(IDX)
+    assert merge_lora(model) == 12
+    torch.testing.assert_close(model(IDX), unmerged, rtol=0, atol=1e-5)
+    merged_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    assert merge_lora(model) == 0  # merging twice is a no-op
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in merged_weights.items())
+    assert unmerge_lora(model) == 12
+    for key, value in before.items():
+        if not key.endswith((".lora.A", ".lora.B")):
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
+    assert unmerge_lora(model) == 0
+
+
+def test_merged_layer_is_a_plain_linear_with_the_same_outputs():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(16, 8), rank=2, alpha=4)
+    nn.init.normal_(layer.lora.B)
+    x = torch.randn(5, 16)
+    expected = layer(x)
+    plain = nn.Linear(16, 8)
+    plain.load_state_dict(
+        {
+            "weight": layer.linear.weight + (4 / 2) * (layer.lora.A @ layer.lora.B).T,
+            "bias": layer.linear.bias,
+        }
+    )
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain(x), expected, rtol=0, atol=1e-5)
+
+
+def test_safe_merge_refuses_non_finite_and_changes_nothing():
+    model = untied_tiny()
+    apply_lora(model, rank=2, alpha=2, targets="attention")
+    with torch.no_grad():
+        model.trf_blocks[1].att.W_value.lora.B.fill_(float("inf"))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="inf/NaN"):
+        merge_lora(model)
+    assert not any(layer.merged for layer in lora_layers(model).values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    with pytest.raises(ValueError, match="inf/NaN"):
+        model.trf_blocks[1].att.W_value.merge()
+
+
+def _expected_trainable(model, rank):
+    return sum(
+        lora_parameter_count(layer.linear.in_features, layer.linear.out_features, rank)
+        for layer in lora_layers(model).values()
+    )
+
+
+@pytest.mark.parametrize(
+    ("targets", "n_layers"),
+    [
+        ("attention", 8),
+        ("attention_qv", 4),
+        ("feed_forward", 4),
+        ("blocks", 12),
+        ("head", 1),
+        (["W_query", "fc2"], 4),
+        (r"trf_blocks\.0\..*", 6),
+        ("trf_blocks.1.att.W_key", 1),
+    ],
+)
+def test_trainable_counts_equal_the_formula(targets, n_layers):
+    model = untied_tiny()
+    total = count_parameters(model)
+    apply_lora(model, rank=4, alpha=4, targets=targets)
+    assert len(lora_layers(model)) == n_layers
+    trainable = count_parameters(model, trainable_only=True)
+    assert trainable == _expected_trainable(model, 4)
+    assert count_parameters(model) == total + trainable
+
+
+def test_gpt2_124m_with_a_two_class_head_counts():
+    with torch.device("meta"):
+        model = GPTModel(gpt_config("gpt2-124M"))
+        model.out_head = nn.Linear(768, 2)
+        apply_lora(model, rank=16, alpha=16, targets="blocks", also_train=["out_head"])
+    per_block = 16 * (4 * (768 + 768) + (768 + 3072) + (3072 + 768))
+    head = 768 * 2 + 2
+    assert count_parameters(model, trainable_only=True) == 12 * per_block + head == 2_655_746
+    report = parameter_report(model)
+    assert report["LoRA"]["trainable"] == 12 * per_block
+    assert report["output head"] == {"total": head, "trainable": head}
+    assert report["all"]["total"] == count_parameters(model)
+
+
+def test_unknown_target_lists_the_layers():
+    model = untied_tiny()
+    with pytest.raises(ValueError, match="W_query") as info:
+        apply_lora(model, rank=2, alpha=2, targets="c_attn")
+    assert "c_attn" in str(info.value) and "fc1" in str(info.value)
+
+
+def test_applying_twice_is_an_error():
+    model = untied_tiny()
+    apply_lora(model, rank=2, alpha=2, targets="attention")
+    with pytest.raises(LoRAAlreadyAppliedError, match="already have LoRA"):
+        apply_lora(model, rank=2, alpha=2, targets="W_query")
+    apply_lora(model, rank=2, alpha=2, targets="fc1")  # other layers are fine
+    assert len(lora_layers(model)) == 10
+
+
+def test_tied_head_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="tok_emb.weight"):
+        apply_lora(tiny_model, rank=2, alpha=2, targets="head")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 0}, "positive integer"),
+        ({"rank": 2.0}, "positive integer"),
+        ({"rank": True}, "positive integer"),
+        ({"rank": 65}, "min\\(in_features=64"),
+        ({"alpha": 0}, "alpha must be a positive"),
+        ({"alpha": -1.0}, "alpha must be a positive"),
+        ({"alpha": float("inf")}, "finite"),
+        ({"scaling": "sqrt"}, "scaling must be one of"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"init": "pissa"}, "init must be one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, message):
+    args = {"rank": 2, "alpha": 2} | kwargs
+    with pytest.raises(ValueError, match=message):
+        apply_lora(untied_tiny(), targets="attention", **args)
+
+
+def test_dropout_only_in_training_mode():
+    torch.manual_seed(0)
+    layer = LinearWithLoRA(nn.Linear(32, 32), rank=4, alpha=4, dropout=0.5)
+    nn.init.normal_(layer.lora.B)
+    x = torch.randn(3, 32)
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+def test_freeze_except_lora_with_a_trainable_head():
+    model = untied_tiny()
+    apply_lora(model, rank=2, alpha=2, targets="attention", freeze_base=False)
+    assert all(p.requires_grad for p in model.parameters())
+    freeze_except_lora(model, also_train=["out_head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "out_head.weight" in trainable
+    assert all(n == "out_head.weight" or n.endswith((".lora.A", ".lora.B")) for n in trainable)
+    with pytest.raises(AttributeError):
+        freeze_except_lora(model, also_train=["classifier"])
+
+
+def test_lora_state_dict_holds_only_the_factors():
+    model = untied_tiny()
+    apply_lora(model, rank=2, alpha=2, targets="attention_qv")
+    state = lora_state_dict(model)
+    assert len(state) == 2 * 4
+    assert state["trf_blocks.0.att.W_query.lora.A"].shape == (64, 2)
+    assert state["trf_blocks.0.att.W_query.lora.B"].shape == (2, 64)
