@@ -293,3 +293,57 @@ def _write_tsv(path: Path, rows: list[Message]) -> None:
 def _read_tsv(path: Path) -> list[Message]:
     rows = [line.partition("\t") for line in path.read_text(encoding="utf-8").splitlines()]
     return [(label, text) for label, _, text in rows]
+
+
+# --- SMS classification batches --------------------------------------------------------------
+
+LABEL_IDS = {"ham": 0, "spam": 1}
+PAD_ID = 50256  # GPT-2's <|endoftext|>; padded positions are never read (see pad_collate)
+
+
+class MessageDataset(Dataset):
+    """Token ids and label ids of (label, text) messages, cut to at most ``max_length`` tokens."""
+
+    def __init__(self, messages: list[Message], tokenizer, max_length: int):
+        self.messages = messages
+        self.ids = [tokenizer.encode(text)[:max_length] for _, text in messages]
+        self.labels = [LABEL_IDS[label] for label, _ in messages]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.ids[i], self.labels[i]
+
+
+def pad_collate(batch: list[tuple[list[int], int]], pad_id: int = PAD_ID):
+    """Pad a batch to its own longest message (right padding).
+
+    Returns ``(input_ids, lengths, labels)``; ``lengths - 1`` is the position of each message's
+    last real token, the only position the classifier reads.
+    """
+    longest = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    for row, (ids, _) in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids, _ in batch])
+    labels = torch.tensor([label for _, label in batch])
+    return input_ids, lengths, labels
+
+
+def message_loaders(
+    split: dict[str, list[Message]], tokenizer, batch_size: int, max_length: int, seed: int = 123
+) -> dict[str, DataLoader]:
+    """Loaders for the train (shuffled, seeded), validation and test messages."""
+    loaders = {}
+    for name in ("train", "validation", "test"):
+        is_train = name == "train"
+        loaders[name] = DataLoader(
+            MessageDataset(split[name], tokenizer, max_length),
+            batch_size=batch_size,
+            shuffle=is_train,
+            drop_last=is_train,
+            collate_fn=pad_collate,
+            generator=torch.Generator().manual_seed(seed) if is_train else None,
+        )
+    return loaders

@@ -6,6 +6,7 @@ which loads the saved checkpoint or, if there is none, pretrains it again with a
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .data import NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_s
 from .model import GPTModel, count_parameters, gpt_config
 from .settings import artifacts_dir, is_quick
 from .tokenizer import END_OF_TEXT, get_tokenizer
-from .train import History, cosine_schedule, load_checkpoint, train
+from .train import History, cosine_schedule, load_checkpoint, read_checkpoint_metadata, train
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class PretrainRecipe:
     eval_every: int = 100
     val_fraction: float = 0.1
     max_train_tokens: int | None = None  # cap per corpus (quick mode only)
+    corpora: tuple[str, ...] = ("shakespeare", "sms")  # notebook 06 ablates this choice
     seed: int = 123
 
 
@@ -55,9 +57,15 @@ def pretrain_recipe() -> PretrainRecipe:
     return QUICK_RECIPE if is_quick() else FULL_RECIPE
 
 
-def base_checkpoint_path() -> Path:
-    """Where the pretrained base model is saved (``artifacts/``, or ``artifacts/quick/``)."""
-    return artifacts_dir() / "gpt_base_scratch.safetensors"
+def base_checkpoint_path(recipe: PretrainRecipe | None = None) -> Path:
+    """Where the pretrained base model is saved (``artifacts/``, or ``artifacts/quick/``).
+
+    The collection's base is ``gpt_base_scratch``; a base pretrained on other corpora (for the
+    ablation in notebook 06) is named after them, e.g. ``gpt_base_shakespeare``.
+    """
+    corpora = (recipe or pretrain_recipe()).corpora
+    name = "scratch" if corpora == PretrainRecipe.corpora else "+".join(corpora)
+    return artifacts_dir() / f"gpt_base_{name}.safetensors"
 
 
 def sms_corpus_text() -> str:
@@ -73,8 +81,13 @@ def pretraining_corpora(
     tokenizer: tiktoken.Encoding, recipe: PretrainRecipe
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Token ids of each corpus, split into ``train`` (first part) and ``val`` (last part)."""
+    texts = {"shakespeare": lambda: load_text("tinyshakespeare"), "sms": sms_corpus_text}
+    unknown = set(recipe.corpora) - texts.keys()
+    if unknown:
+        raise ValueError(f"Unknown pretraining corpora {sorted(unknown)}; known: {sorted(texts)}")
     corpora = {}
-    for name, text in (("shakespeare", load_text("tinyshakespeare")), ("sms", sms_corpus_text())):
+    for name in recipe.corpora:
+        text = texts[name]()
         ids = torch.tensor(tokenizer.encode(text, allowed_special={END_OF_TEXT}))
         n_train = int(len(ids) * (1 - recipe.val_fraction))
         train_ids, val_ids = ids[:n_train], ids[n_train:]
@@ -118,7 +131,7 @@ def run_pretraining(
     recipe: PretrainRecipe,
 ) -> History:
     """AdamW with warm-up and cosine decay, gradient clipping, bf16 on GPUs; the checkpoint with
-    the best validation loss (both corpora together) is saved to ``base_checkpoint_path()``."""
+    the best validation loss (all corpora together) is saved to ``base_checkpoint_path()``."""
     both = ConcatDataset([loader.dataset for loader in val_loaders.values()])
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
@@ -132,7 +145,7 @@ def run_pretraining(
         max_steps=recipe.max_steps,
         eval_every=recipe.eval_every,
         lr_schedule=cosine_schedule(recipe.max_steps, recipe.warmup_steps),
-        checkpoint_path=base_checkpoint_path(),
+        checkpoint_path=base_checkpoint_path(recipe),
         checkpoint_metadata={"recipe": asdict(recipe)},
     )
 
@@ -146,15 +159,21 @@ def pretrain_base(device: torch.device, recipe: PretrainRecipe | None = None) ->
     corpora = pretraining_corpora(get_tokenizer(), recipe)
     train_loader, val_loaders = pretraining_loaders(corpora, cfg.context_length, recipe)
     run_pretraining(model, train_loader, val_loaders, device, recipe)
-    return load_checkpoint(base_checkpoint_path(), device=device)[0]
+    return load_checkpoint(base_checkpoint_path(recipe), device=device)[0]
 
 
-def load_base_model(device: torch.device) -> GPTModel:
+def load_base_model(device: torch.device, recipe: PretrainRecipe | None = None) -> GPTModel:
     """The pretrained base from notebook 04: loaded if saved, otherwise pretrained now."""
-    path = base_checkpoint_path()
+    recipe = recipe or pretrain_recipe()
+    path = base_checkpoint_path(recipe)
     if not path.exists():
         print(f"No base checkpoint at {path}: pretraining it now, exactly as notebook 04 does.")
-        pretrain_base(device)
+        pretrain_base(device, recipe)
+    elif read_checkpoint_metadata(path).get("recipe") != json.loads(json.dumps(asdict(recipe))):
+        print(
+            f"The base checkpoint at {path} was pretrained with another recipe: pretraining again."
+        )
+        pretrain_base(device, recipe)
     model, meta = load_checkpoint(path, device=device)
     print(
         f"Loaded the base model ({count_parameters(model):,} parameters, step {meta['step']}, "

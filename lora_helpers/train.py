@@ -89,6 +89,7 @@ class History:
     best_val_loss: float = math.inf
     best_step: int = -1
     seconds: float = 0.0
+    metrics: list[dict[str, float]] = field(default_factory=list)  # from ``eval_metrics``
 
 
 def train(
@@ -105,12 +106,14 @@ def train(
     lr_schedule: Callable[[int], float] | None = None,
     checkpoint_path: str | Path | None = None,
     checkpoint_metadata: dict | None = None,
+    eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> History:
     """Train for ``max_steps`` optimizer steps, cycling through ``train_loader``.
 
     Every ``eval_every`` steps (and at the end) the validation loss is measured; when it is the
     best so far and ``checkpoint_path`` is given, the model is saved there (with the step, the
-    validation loss and ``checkpoint_metadata``).
+    validation loss and ``checkpoint_metadata``). ``eval_metrics(model)``, if given, is called
+    at each evaluation too (e.g. to measure accuracy) and its results go to ``history.metrics``.
     """
     history = History()
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -139,6 +142,9 @@ def train(
             history.train_loss.append(running / n_running)
             history.val_loss.append(val_loss)
             history.learning_rate.append(optimizer.param_groups[0]["lr"])
+            if eval_metrics is not None:
+                history.metrics.append(eval_metrics(model))
+                model.train()
             running, n_running = 0.0, 0
             if val_loss < history.best_val_loss:
                 history.best_val_loss, history.best_step = val_loss, step + 1

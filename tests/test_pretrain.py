@@ -1,8 +1,12 @@
+import dataclasses
+
+import pytest
 import torch
 
 from lora_helpers import pretrain
 from lora_helpers.data import sms_pretraining_texts, sms_spam_split
 from lora_helpers.tokenizer import END_OF_TEXT, get_tokenizer
+from lora_helpers.train import read_checkpoint_metadata
 
 
 def test_sms_corpus_holds_no_validation_or_test_message():
@@ -44,3 +48,38 @@ def test_quick_pretraining_saves_a_base_that_later_notebooks_load(monkeypatch, t
     idx = torch.randint(0, 50257, (1, 20))
     model.eval(), again.eval()
     assert torch.equal(model(idx), again(idx))
+
+
+def test_a_checkpoint_from_another_recipe_is_rebuilt(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    recipe = pretrain.PretrainRecipe(
+        preset="scratch-tiny",
+        dropout=0.0,
+        batch_size=4,
+        max_steps=2,
+        warmup_steps=1,
+        eval_every=2,
+        max_train_tokens=2_000,
+    )
+    device = torch.device("cpu")
+    pretrain.load_base_model(device, recipe)
+    capsys.readouterr()
+    longer = dataclasses.replace(recipe, max_steps=4)
+    pretrain.load_base_model(device, longer)
+    assert "another recipe" in capsys.readouterr().out
+    meta = read_checkpoint_metadata(pretrain.base_checkpoint_path(longer))
+    assert meta["recipe"]["max_steps"] == 4
+
+
+def test_ablation_bases_have_their_own_checkpoint_and_corpora():
+    recipe = dataclasses.replace(pretrain.FULL_RECIPE, corpora=("shakespeare",))
+    assert pretrain.base_checkpoint_path(recipe).name == "gpt_base_shakespeare.safetensors"
+    assert (
+        pretrain.base_checkpoint_path(pretrain.FULL_RECIPE).name == "gpt_base_scratch.safetensors"
+    )
+    corpora = pretrain.pretraining_corpora(get_tokenizer(), recipe)
+    assert list(corpora) == ["shakespeare"]
+    with pytest.raises(ValueError, match="Unknown pretraining corpora"):
+        pretrain.pretraining_corpora(
+            get_tokenizer(), dataclasses.replace(recipe, corpora=("wiki",))
+        )

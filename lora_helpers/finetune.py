@@ -1,0 +1,253 @@
+"""Fine-tuning the GPT as a spam classifier (notebook 06).
+
+The vocabulary head is replaced by a 2-class head that reads the hidden state of each message's
+last real token. Five ways to fine-tune are compared on the same split and budget: the head
+only, the last block + head, every weight, and LoRA at rank 8 and 16 (+ head).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tiktoken
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data import LABEL_IDS, Message
+from .lora import apply_lora, freeze_except_lora
+from .model import GPTModel, count_parameters
+from .settings import is_quick
+from .train import History, autocast_for, train
+
+VARIANTS = ("head", "last-block", "full", "lora-r8", "lora-r16")
+LABEL_NAMES = {index: name for name, index in LABEL_IDS.items()}
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """The budget shared by every variant, and each variant's learning rate."""
+
+    epochs: int = 5
+    batch_size: int = 8
+    weight_decay: float = 0.01
+    learning_rates: dict[str, float] = field(
+        default_factory=lambda: {"head": 1e-3, "last-block": 3e-4, "full": 1e-4, "lora": 1e-3}
+    )
+    lora_targets: str = "blocks"  # every linear layer of the transformer blocks
+    lora_dropout: float = 0.0
+    max_messages: int | None = None  # per split (quick mode only)
+    seed: int = 123
+
+    def learning_rate(self, variant: str) -> float:
+        return self.learning_rates["lora" if variant.startswith("lora") else variant]
+
+
+FULL_FINETUNE = FinetuneRecipe()
+QUICK_FINETUNE = FinetuneRecipe(epochs=1, max_messages=48)
+
+
+def finetune_recipe() -> FinetuneRecipe:
+    """QUICK_FINETUNE when ``LORA_QUICK=1``, else FULL_FINETUNE."""
+    return QUICK_FINETUNE if is_quick() else FULL_FINETUNE
+
+
+def shrink_split(
+    split: dict[str, list[Message]], max_messages: int | None
+) -> dict[str, list[Message]]:
+    """The first ``max_messages`` of every part of the split (quick mode), or the split itself."""
+    if max_messages is None:
+        return split
+    return {name: rows[:max_messages] for name, rows in split.items()}
+
+
+def add_classification_head(model: GPTModel, num_classes: int = 2) -> GPTModel:
+    """Replace the vocabulary head by a fresh ``num_classes`` head (no longer tied), in place."""
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes).to(model.tok_emb.weight.device)
+    return model
+
+
+def last_token_logits(
+    model: GPTModel, input_ids: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Class logits read at each message's last real token, never at a padding position.
+
+    With causal attention, that position has seen the whole message and none of the padding
+    after it, so the result does not depend on how much padding the batch needed.
+    """
+    hidden = model.hidden_states(input_ids)
+    last = hidden[torch.arange(len(lengths), device=hidden.device), lengths.to(hidden.device) - 1]
+    return model.out_head(last)
+
+
+def classification_loss(
+    model: GPTModel, batch: tuple[torch.Tensor, ...], device: torch.device
+) -> torch.Tensor:
+    """Cross-entropy of the last-token logits against the labels."""
+    input_ids, lengths, labels = batch
+    logits = last_token_logits(model, input_ids.to(device), lengths)
+    return F.cross_entropy(logits.float(), labels.to(device))
+
+
+@torch.no_grad()
+def predict(model: GPTModel, loader: DataLoader, device: torch.device):
+    """Predicted and true label ids for every message of ``loader``, in order."""
+    model.eval()
+    predictions, truth = [], []
+    for input_ids, lengths, labels in loader:
+        with autocast_for(device):
+            logits = last_token_logits(model, input_ids.to(device), lengths)
+        predictions.append(logits.argmax(dim=-1).cpu())
+        truth.append(labels)
+    return torch.cat(predictions), torch.cat(truth)
+
+
+def accuracy(model: GPTModel, loader: DataLoader, device: torch.device) -> float:
+    """Share of correctly classified messages."""
+    predictions, truth = predict(model, loader, device)
+    return (predictions == truth).float().mean().item()
+
+
+def classify(
+    model: GPTModel, text: str, tokenizer: tiktoken.Encoding, device: torch.device
+) -> tuple[str, float]:
+    """The predicted label of one message and the model's probability for it."""
+    model.eval()
+    ids = tokenizer.encode(text)[: model.cfg.context_length]
+    input_ids = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        probs = torch.softmax(last_token_logits(model, input_ids, torch.tensor([len(ids)])), -1)
+    label = int(probs.argmax())
+    return LABEL_NAMES[label], probs[0, label].item()
+
+
+def prepare_variant(base: GPTModel, variant: str, recipe: FinetuneRecipe) -> GPTModel:
+    """A copy of ``base`` with a new 2-class head and only ``variant``'s parameters trainable."""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}")
+    torch.manual_seed(recipe.seed)  # the same head (and LoRA) initialisation for every variant
+    model = add_classification_head(copy.deepcopy(base))
+    if variant == "full":
+        model.requires_grad_(True)
+    elif variant == "head":
+        freeze_except_lora(model, also_train=["out_head"])
+    elif variant == "last-block":
+        last = f"trf_blocks.{model.cfg.n_layers - 1}"
+        freeze_except_lora(model, also_train=[last, "final_norm", "out_head"])
+    else:
+        rank = int(variant.removeprefix("lora-r"))
+        apply_lora(
+            model,
+            rank=rank,
+            alpha=rank,
+            targets=recipe.lora_targets,
+            dropout=recipe.lora_dropout,
+            also_train=["out_head"],
+        )
+    return model
+
+
+def finetune(
+    model: GPTModel,
+    loaders: dict[str, DataLoader],
+    device: torch.device,
+    recipe: FinetuneRecipe,
+    lr: float,
+) -> History:
+    """AdamW on the trainable parameters for ``recipe.epochs`` epochs, evaluating every epoch
+    (validation loss, and training/validation accuracy in ``history.metrics``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = len(loaders["train"])
+
+    def accuracies(m: nn.Module) -> dict[str, float]:
+        return {
+            "train_acc": accuracy(m, loaders["train"], device),
+            "val_acc": accuracy(m, loaders["validation"], device),
+        }
+
+    return train(
+        model,
+        loaders["train"],
+        loaders["validation"],
+        optimizer,
+        device,
+        max_steps=recipe.epochs * steps_per_epoch,
+        eval_every=steps_per_epoch,
+        loss_fn=classification_loss,
+        eval_metrics=accuracies,
+    )
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a fine-tuning run must save: the trainable parameters (the rest is the base)."""
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def saved_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Size on disk of ``tensors`` written as a safetensors file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.safetensors"
+        save_file(tensors, str(path))
+        return path.stat().st_size
+
+
+def unseen_test_mask(split: dict[str, list[Message]]) -> torch.Tensor:
+    """True for test messages whose exact text occurs in no training message (the collection
+    has many duplicates). Pretraining never sees test texts (see ``sms_pretraining_texts``)."""
+    seen = {text for _, text in split["train"]}
+    return torch.tensor([text not in seen for _, text in split["test"]])
+
+
+@dataclass
+class VariantResult:
+    """One row of notebook 06's comparison table."""
+
+    variant: str
+    test_acc: float
+    unseen_test_acc: float
+    trainable_params: int
+    peak_mem_mib: float | None  # None on CPU (not measured)
+    seconds: float
+    saved_mib: float
+    history: History
+
+
+def run_variant(
+    base: GPTModel,
+    variant: str,
+    loaders: dict[str, DataLoader],
+    split: dict[str, list[Message]],
+    device: torch.device,
+    recipe: FinetuneRecipe,
+) -> tuple[GPTModel, VariantResult]:
+    """Prepare, fine-tune and measure one variant. Keep ``base`` on the CPU so the measured
+    peak GPU memory is this variant's alone."""
+    model = prepare_variant(base, variant, recipe)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model.to(device)
+    history = finetune(model, loaders, device, recipe, recipe.learning_rate(variant))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    predictions, truth = predict(model, loaders["test"], device)
+    correct = predictions == truth
+    unseen = unseen_test_mask(split)
+    result = VariantResult(
+        variant=variant,
+        test_acc=correct.float().mean().item(),
+        unseen_test_acc=correct[unseen].float().mean().item(),
+        trainable_params=count_parameters(model, trainable_only=True),
+        peak_mem_mib=peak,
+        seconds=history.seconds,
+        saved_mib=saved_bytes(trainable_state_dict(model)) / 2**20,
+        history=history,
+    )
+    return model, result

@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from lora_helpers import finetune as ft
+from lora_helpers.data import PAD_ID, MessageDataset, message_loaders, pad_collate, sms_spam_split
+from lora_helpers.model import GPTModel, MultiHeadAttention, count_parameters, gpt_config
+from lora_helpers.tokenizer import get_tokenizer
+
+
+@pytest.fixture
+def base() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(gpt_config("scratch-tiny")).eval()
+
+
+def test_pad_collate_pads_to_the_longest_in_the_batch():
+    input_ids, lengths, labels = pad_collate([([1, 2, 3], 0), ([4], 1), ([5, 6], 1)])
+    assert input_ids.tolist() == [[1, 2, 3], [4, PAD_ID, PAD_ID], [5, 6, PAD_ID]]
+    assert lengths.tolist() == [3, 1, 2] and labels.tolist() == [0, 1, 1]
+
+
+def test_message_dataset_truncates_and_maps_labels():
+    tokenizer = get_tokenizer()
+    ds = MessageDataset([("spam", "WIN " * 50), ("ham", "ok")], tokenizer, max_length=10)
+    assert len(ds[0][0]) == 10 and ds[0][1] == 1
+    assert ds[1] == (tokenizer.encode("ok"), 0)
+
+
+def test_loaders_sizes_and_seeded_order():
+    tokenizer = get_tokenizer()
+    split = sms_spam_split()
+    loaders = message_loaders(split, tokenizer, batch_size=8, max_length=256)
+    assert len(loaders["train"]) == 1045 // 8  # drop_last
+    assert len(loaders["validation"].dataset) == 149 and len(loaders["test"].dataset) == 300
+    first = next(iter(loaders["train"]))[0]
+    again = next(iter(message_loaders(split, tokenizer, 8, 256)["train"]))[0]
+    assert torch.equal(first, again)
+    batch_ids, lengths, _ = next(iter(loaders["test"]))
+    assert batch_ids.shape[1] == lengths.max().item()  # padded to this batch's longest
+
+
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_logits_do_not_depend_on_the_amount_of_padding(base, use_sdpa):
+    for m in base.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.use_sdpa = use_sdpa
+    model = ft.add_classification_head(base)
+    message = [464, 2068, 7586, 21831, 18045]
+    logits = []
+    for total in (5, 9, 40):
+        ids = torch.full((1, total), PAD_ID)
+        ids[0, :5] = torch.tensor(message)
+        logits.append(ft.last_token_logits(model, ids, torch.tensor([5])))
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[2], logits[0], rtol=0, atol=1e-5)
+    # the pitfall: reading the last position instead would depend on the padding
+    padded = torch.full((1, 40), PAD_ID)
+    padded[0, :5] = torch.tensor(message)
+    naive = model.out_head(model.hidden_states(padded)[:, -1])
+    assert not torch.allclose(naive, logits[0], atol=1e-3)
+
+
+def test_batched_logits_equal_one_message_at_a_time(base):
+    model = ft.add_classification_head(base)
+    batch = [([1, 2, 3, 4, 5, 6], 0), ([7, 8], 1), ([9, 10, 11], 0)]
+    input_ids, lengths, _ = pad_collate(batch)
+    together = ft.last_token_logits(model, input_ids, lengths)
+    for row, (ids, _) in enumerate(batch):
+        alone = ft.last_token_logits(model, torch.tensor([ids]), torch.tensor([len(ids)]))
+        torch.testing.assert_close(together[row : row + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_new_head_is_untied_and_two_class(base):
+    model = ft.add_classification_head(base)
+    assert model.out_head.weight.shape == (2, 64)
+    assert model.out_head.weight is not model.tok_emb.weight
+
+
+def test_variants_train_exactly_the_expected_parameters(base):
+    recipe = ft.FULL_FINETUNE
+    emb, head = 64, 64 * 2 + 2
+    block = count_parameters(base.trf_blocks[-1])
+    with torch.no_grad():
+        total = count_parameters(ft.add_classification_head(GPTModel(base.cfg)))
+    expected = {
+        "head": head,
+        "last-block": block + 2 * emb + head,
+        "full": total,
+        "lora-r8": 2 * 8 * (4 * (emb + emb) + 2 * (emb + 4 * emb)) + head,
+        "lora-r16": 2 * 16 * (4 * (emb + emb) + 2 * (emb + 4 * emb)) + head,
+    }
+    for variant, count in expected.items():
+        model = ft.prepare_variant(base, variant, recipe)
+        assert count_parameters(model, trainable_only=True) == count, variant
+    assert all(p.requires_grad for p in base.parameters())  # the base itself is untouched
+    with pytest.raises(ValueError, match="Unknown variant"):
+        ft.prepare_variant(base, "lora", recipe)
+
+
+def test_every_variant_starts_from_the_same_head(base):
+    heads = [ft.prepare_variant(base, v, ft.FULL_FINETUNE).out_head.weight for v in ft.VARIANTS]
+    assert all(torch.equal(h, heads[0]) for h in heads)
+
+
+def test_unseen_test_messages():
+    split = sms_spam_split()
+    mask = ft.unseen_test_mask(split)
+    train_texts = {t for _, t in split["train"]}
+    assert mask.shape == (300,)
+    assert int((~mask).sum()) == sum(t in train_texts for _, t in split["test"]) > 0
+
+
+def test_quick_run_of_a_variant_reports_everything(base):
+    tokenizer = get_tokenizer()
+    recipe = ft.FinetuneRecipe(epochs=2, max_messages=16)
+    split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
+    loaders = message_loaders(split, tokenizer, recipe.batch_size, base.cfg.context_length)
+    device = torch.device("cpu")
+    model, result = ft.run_variant(base, "lora-r8", loaders, split, device, recipe)
+    assert result.history.steps == [2, 4]
+    assert set(result.history.metrics[0]) == {"train_acc", "val_acc"}
+    assert 0.0 <= result.test_acc <= 1.0 and result.peak_mem_mib is None
+    trainable = ft.trainable_state_dict(model)
+    assert result.trainable_params == sum(t.numel() for t in trainable.values())
+    assert result.saved_mib * 2**20 > 4 * result.trainable_params  # fp32 + a small header
+    label, prob = ft.classify(model, "WINNER!! Claim your prize now", tokenizer, device)
+    assert label in ("ham", "spam") and 0.5 <= prob <= 1.0
