@@ -8,8 +8,9 @@ only, the last block + head, every weight, and LoRA at rank 8 and 16 (+ head).
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import tiktoken
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from .data import LABEL_IDS, Message
 from .lora import apply_lora, freeze_except_lora
 from .model import GPTModel, count_parameters
-from .settings import is_quick
+from .settings import artifacts_dir, is_quick
 from .train import History, autocast_for, train
 
 VARIANTS = ("head", "last-block", "full", "lora-r8", "lora-r16")
@@ -251,3 +252,23 @@ def run_variant(
         history=history,
     )
     return model, result
+
+
+def results_path() -> Path:
+    """Where notebook 06 saves its comparison for later notebooks (``artifacts/``)."""
+    return artifacts_dir() / "finetune_results.json"
+
+
+def save_results(results: dict[str, VariantResult], device: torch.device) -> Path:
+    """Save the comparison table (without training histories) and the device it ran on."""
+    rows = [{k: v for k, v in asdict(r).items() if k != "history"} for r in results.values()]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    path = results_path()
+    path.write_text(json.dumps({"device": name, "results": rows}, indent=2))
+    return path
+
+
+def load_results() -> dict | None:
+    """The comparison saved by notebook 06, or None if it has not been run here."""
+    path = results_path()
+    return json.loads(path.read_text()) if path.exists() else None

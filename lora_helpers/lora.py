@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .model import GPTConfig
+
 SCALING_RULES = ("standard", "rslora")  # alpha / rank (LoRA paper) or alpha / sqrt(rank)
 INITS = ("default", "gaussian", "olora")
 
@@ -351,3 +353,24 @@ def format_parameter_report(model: nn.Module) -> str:
 def lora_parameter_count(in_dim: int, out_dim: int, rank: int) -> int:
     """The closed form: a LoRA update of one (out × in) layer has rank · (in + out) parameters."""
     return rank * (in_dim + out_dim)
+
+
+def expected_lora_parameters(cfg: GPTConfig, rank: int, group: str, head_out: int = 0) -> int:
+    """Closed-form LoRA parameter count of a GPT for one of TARGET_GROUPS (``head_out``: the
+    output size of the head when the group includes it)."""
+    d = cfg.emb_dim
+    shapes = {
+        "W_query": (d, d),
+        "W_key": (d, d),
+        "W_value": (d, d),
+        "out_proj": (d, d),
+        "fc1": (d, 4 * d),
+        "fc2": (4 * d, d),
+    }
+    total = 0
+    for kind in TARGET_GROUPS[group]:
+        if kind == "out_head":
+            total += lora_parameter_count(d, head_out, rank)
+        else:
+            total += cfg.n_layers * lora_parameter_count(*shapes[kind], rank)
+    return total

@@ -125,3 +125,23 @@ def test_quick_run_of_a_variant_reports_everything(base):
     assert result.saved_mib * 2**20 > 4 * result.trainable_params  # fp32 + a small header
     label, prob = ft.classify(model, "WINNER!! Claim your prize now", tokenizer, device)
     assert label in ("ham", "spam") and 0.5 <= prob <= 1.0
+
+
+def test_results_are_saved_for_later_notebooks(monkeypatch, tmp_path, base):
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    assert ft.load_results() is None
+    result = ft.VariantResult("lora-r8", 0.9, 0.85, 100, None, 1.5, 0.01, history=None)
+    ft.save_results({"lora-r8": result}, torch.device("cpu"))
+    saved = ft.load_results()
+    assert saved["device"] == "cpu"
+    assert saved["results"] == [
+        {
+            "variant": "lora-r8",
+            "test_acc": 0.9,
+            "unseen_test_acc": 0.85,
+            "trainable_params": 100,
+            "peak_mem_mib": None,
+            "seconds": 1.5,
+            "saved_mib": 0.01,
+        }
+    ]

@@ -9,6 +9,7 @@ from lora_helpers.lora import (
     LoRAAlreadyAppliedError,
     LoRALayer,
     apply_lora,
+    expected_lora_parameters,
     freeze_except_lora,
     lora_layers,
     lora_parameter_count,
@@ -276,3 +277,15 @@ def test_lora_state_dict_holds_only_the_factors():
     assert len(state) == 2 * 4
     assert state["trf_blocks.0.att.W_query.lora.A"].shape == (64, 2)
     assert state["trf_blocks.0.att.W_query.lora.B"].shape == (2, 64)
+
+
+@pytest.mark.parametrize("preset", ["scratch-30M", "gpt2-124M", "gpt2-1558M"])
+@pytest.mark.parametrize("group", ["attention", "attention_qv", "feed_forward", "blocks", "head"])
+@pytest.mark.parametrize("rank", [1, 16, 256])
+def test_closed_form_lora_counts_match_real_modules(preset, group, rank):
+    with torch.device("meta"):
+        model = GPTModel(gpt_config(preset))
+        model.out_head = nn.Linear(model.cfg.emb_dim, 512)  # untied, wide enough for rank 256
+        apply_lora(model, rank=rank, alpha=rank, targets=group)
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if ".lora." in n)
+    assert lora_params == expected_lora_parameters(model.cfg, rank, group, head_out=512)

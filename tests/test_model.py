@@ -3,11 +3,13 @@ import torch
 import torch.nn.functional as F
 
 from lora_helpers.model import (
+    PRESETS,
     GPTModel,
     MultiHeadAttention,
     count_parameters,
     generate,
     gpt_config,
+    gpt_param_count,
 )
 
 
@@ -124,3 +126,12 @@ def test_generation_restores_training_mode(tiny_model):
     tiny_model.train()
     generate(tiny_model, torch.tensor([[1]]), 2)
     assert tiny_model.training
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_closed_form_parameter_count_matches_real_modules(preset, tie, qkv_bias):
+    cfg = gpt_config(preset, tie_weights=tie, qkv_bias=qkv_bias)
+    with torch.device("meta"):
+        assert count_parameters(GPTModel(cfg)) == gpt_param_count(cfg)
