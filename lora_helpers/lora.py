@@ -67,7 +67,11 @@ def check_lora_args(
 
 
 class LoRALayer(nn.Module):
-    """The low-rank update alone: ``scaling · dropout(x) @ A @ B``."""
+    """The low-rank update alone: ``scaling · dropout(x) @ A @ B``.
+
+    An OLoRA adapter also keeps its starting factors ``A0``, ``B0`` and subtracts their product,
+    so that it starts at zero change without touching the frozen weight.
+    """
 
     def __init__(
         self,
@@ -87,18 +91,33 @@ class LoRALayer(nn.Module):
         nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
         self.B = nn.Parameter(torch.zeros(rank, out_dim))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("A0", None)  # OLoRA's starting factors (None otherwise)
+        self.register_buffer("B0", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * (self.dropout(x) @ self.A @ self.B)
+        out = self.dropout(x) @ self.A @ self.B
+        if self.A0 is not None:
+            out = out - x @ self.A0 @ self.B0
+        return self.scaling * out
 
     def delta_weight(self) -> torch.Tensor:
-        """The update in ``nn.Linear``'s weight layout (out × in): scaling · (A B)ᵀ."""
-        return self.scaling * (self.A @ self.B).T
+        """The update in ``nn.Linear``'s weight layout (out × in): scaling · (A B - A0 B0)ᵀ."""
+        product = self.A @ self.B
+        if self.A0 is not None:
+            product = product - self.A0 @ self.B0
+        return self.scaling * product.T
+
+
+def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLoRA's starting factors from the thin QR of a (out × in) weight: W = QR, A = R_rᵀ
+    (in × rank), B = Q_rᵀ (rank × out), so (A B)ᵀ = Q_r R_r, the weight's leading directions."""
+    q, r = torch.linalg.qr(weight.detach().float())  # q: (out, k), r: (k, in)
+    return r[:rank].T.contiguous(), q[:, :rank].T.contiguous()
 
 
 class LinearWithLoRA(nn.Module):
-    """A frozen ``nn.Linear`` plus a LoRA update: ``linear(x) + lora(x)``, or, once merged,
-    a single linear layer whose weight already holds the update."""
+    """A frozen ``nn.Linear`` plus named LoRA updates, one of them active:
+    ``linear(x) + lora(x)``; once merged, a single linear layer holding the update."""
 
     def __init__(
         self,
@@ -108,47 +127,68 @@ class LinearWithLoRA(nn.Module):
         scaling: str = "standard",
         dropout: float = 0.0,
         init: str = "default",
+        name: str = "default",
     ):
         super().__init__()
+        self.linear = linear
+        self.adapters = nn.ModuleDict()
+        self.active: str | None = None  # the adapter ``forward`` adds; None: the plain layer
+        self.merged = False
+        self.disabled = False
+        self.add_adapter(name, rank, alpha, scaling, dropout, init)
+        self.active = name
+
+    @torch.no_grad()
+    def add_adapter(
+        self,
+        name: str,
+        rank: int,
+        alpha: float,
+        scaling: str = "standard",
+        dropout: float = 0.0,
+        init: str = "default",
+    ) -> LoRALayer:
+        """Add a new named adapter (not activated)."""
+        linear = self.linear
         check_lora_args(
             linear.in_features, linear.out_features, rank, alpha, scaling, dropout, init
         )
-        self.linear = linear
-        self.lora = LoRALayer(
-            linear.in_features, linear.out_features, rank, alpha, scaling, dropout
-        ).to(linear.weight.device)
-        self.merged = False
+        if name in self.adapters:
+            raise ValueError(f"This layer already has an adapter named {name!r}.")
+        lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, scaling, dropout)
+        lora.to(linear.weight.device)
         if init == "gaussian":
-            nn.init.normal_(self.lora.A, std=1 / rank)
+            nn.init.normal_(lora.A, std=1 / rank)
         elif init == "olora":
-            self._init_olora()
+            a, b = olora_factors(linear.weight, rank)
+            lora.A.copy_(a)
+            lora.B.copy_(b)
+            lora.A0, lora.B0 = a.clone(), b.clone()
+        self.adapters[name] = lora
+        return lora
 
-    @torch.no_grad()
-    def _init_olora(self) -> None:
-        """OLoRA: W = QR; A, B start as the first r rows of R and columns of Q, and the frozen
-        weight gives up their scaled product, so the layer's output is unchanged."""
-        weight = self.linear.weight
-        q, r = torch.linalg.qr(weight.float())  # thin QR: q (out, k), r (k, in)
-        q_r, r_r = q[:, : self.lora.rank], r[: self.lora.rank]
-        self.lora.A.copy_(r_r.T)  # (in, rank)
-        self.lora.B.copy_(q_r.T)  # (rank, out)
-        weight.sub_((self.lora.scaling * q_r @ r_r).to(weight.dtype))
+    @property
+    def lora(self) -> LoRALayer:
+        """The active adapter."""
+        if self.active is None:
+            raise RuntimeError("This layer has no active adapter (see set_adapter).")
+        return self.adapters[self.active]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled or self.active is None:
             return self.linear(x)
         return self.linear(x) + self.lora(x)
 
     def merged_weight(self) -> torch.Tensor:
-        """What the linear weight becomes when the update is merged into it."""
+        """What the linear weight becomes when the active update is merged into it."""
         weight = self.linear.weight
         return weight + self.lora.delta_weight().to(weight.dtype)
 
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:
-        """Add the update into the linear weight (a no-op if already merged). With ``safe``,
-        refuse, changing nothing, if the merged weight would hold inf or NaN."""
-        if self.merged:
+        """Add the active update into the linear weight (a no-op if already merged). With
+        ``safe``, refuse, changing nothing, if the merged weight would hold inf or NaN."""
+        if self.merged or self.active is None:
             return
         merged = self.merged_weight()
         if safe and not torch.isfinite(merged).all():
@@ -281,7 +321,7 @@ def freeze_except_lora(model: nn.Module, also_train: Iterable[str] = ()) -> None
     for name in also_train:
         model.get_submodule(name)  # raises AttributeError naming a missing module
     for name, param in model.named_parameters():
-        is_lora = name.endswith((".lora.A", ".lora.B"))
+        is_lora = is_lora_parameter(name)
         in_also = any(name == m or name.startswith(f"{m}.") for m in also_train)
         param.requires_grad = is_lora or in_also
 
@@ -310,14 +350,26 @@ def unmerge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA factors (what an adapter file needs), keyed by full parameter name."""
-    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora.A", ".lora.B"))}
+def is_lora_parameter(name: str) -> bool:
+    """True for the parameters (and OLoRA buffers) of LoRA adapters."""
+    return ".adapters." in name
+
+
+def lora_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter (the active one by default) keyed ``<layer>.lora.<tensor>``,
+    without the adapter's name: what an adapter file holds."""
+    state = {}
+    for layer_name, layer in lora_layers(model).items():
+        adapter = name or layer.active
+        if adapter in layer.adapters:
+            for key, value in layer.adapters[adapter].state_dict().items():
+                state[f"{layer_name}.lora.{key}"] = value
+    return state
 
 
 def layer_type(param_name: str) -> str:
     """The kind of layer a parameter of our GPT belongs to, for parameter reports."""
-    if param_name.endswith((".lora.A", ".lora.B")):
+    if is_lora_parameter(param_name):
         return "LoRA"
     kinds = {
         "tok_emb.": "token embedding",

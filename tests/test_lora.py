@@ -11,6 +11,7 @@ from lora_helpers.lora import (
     apply_lora,
     expected_lora_parameters,
     freeze_except_lora,
+    is_lora_parameter,
     lora_layers,
     lora_parameter_count,
     lora_scaling,
@@ -77,8 +78,10 @@ def test_olora_factors_come_from_the_qr_of_the_weight():
     q, r = torch.linalg.qr(original)
     torch.testing.assert_close(layer.lora.A, r[:3].T)
     torch.testing.assert_close(layer.lora.B, q[:, :3].T)
-    # the frozen weight gave up exactly the scaled rank-3 part: W' + ΔW == W
-    torch.testing.assert_close(layer.linear.weight + layer.lora.delta_weight(), original)
+    # the frozen weight is untouched; the adapter subtracts its starting product instead
+    assert torch.equal(layer.linear.weight, original)
+    torch.testing.assert_close(layer.lora.delta_weight(), torch.zeros_like(original))
+    torch.testing.assert_close(layer.merged_weight(), original)
 
 
 def test_gaussian_init_has_std_one_over_rank():
@@ -111,10 +114,10 @@ def test_after_one_step_merge_unmerge_and_what_changed():
     model.eval()
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(k.endswith((".lora.A", ".lora.B")) for k in changed)
-    assert all(k in changed for k in before if k.endswith(".lora.B"))  # every B moved off zero
+    assert changed and all(is_lora_parameter(k) for k in changed)
+    assert all(k in changed for k in before if k.endswith(".B"))  # every B moved off zero
     for name, param in model.named_parameters():
-        assert (param.grad is not None) == name.endswith((".lora.A", ".lora.B")), name
+        assert (param.grad is not None) == is_lora_parameter(name), name
 
     unmerged = model(IDX)
     assert merge_lora(model) == 12
@@ -124,7 +127,7 @@ def test_after_one_step_merge_unmerge_and_what_changed():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in merged_weights.items())
     assert unmerge_lora(model) == 12
     for key, value in before.items():
-        if not key.endswith((".lora.A", ".lora.B")):
+        if not is_lora_parameter(key):
             torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-6)
     assert unmerge_lora(model) == 0
 
@@ -265,7 +268,7 @@ def test_freeze_except_lora_with_a_trainable_head():
     freeze_except_lora(model, also_train=["out_head"])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "out_head.weight" in trainable
-    assert all(n == "out_head.weight" or n.endswith((".lora.A", ".lora.B")) for n in trainable)
+    assert all(n == "out_head.weight" or is_lora_parameter(n) for n in trainable)
     with pytest.raises(AttributeError):
         freeze_except_lora(model, also_train=["classifier"])
 
@@ -287,5 +290,5 @@ def test_closed_form_lora_counts_match_real_modules(preset, group, rank):
         model = GPTModel(gpt_config(preset))
         model.out_head = nn.Linear(model.cfg.emb_dim, 512)  # untied, wide enough for rank 256
         apply_lora(model, rank=rank, alpha=rank, targets=group)
-    lora_params = sum(p.numel() for n, p in model.named_parameters() if ".lora." in n)
+    lora_params = sum(p.numel() for n, p in model.named_parameters() if is_lora_parameter(n))
     assert lora_params == expected_lora_parameters(model.cfg, rank, group, head_out=512)
