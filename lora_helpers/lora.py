@@ -86,6 +86,7 @@ class LoRALayer(nn.Module):
         check_lora_args(in_dim, out_dim, rank, alpha, scaling, dropout, "default")
         self.rank, self.alpha, self.scaling_rule = rank, alpha, scaling
         self.scaling = lora_scaling(alpha, rank, scaling)
+        self.init = "default"  # set by LinearWithLoRA.add_adapter
         self.A = nn.Parameter(torch.empty(in_dim, rank))
         # Kaiming-uniform over A's input dimension, as nn.Linear and PEFT initialise it.
         nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
@@ -164,6 +165,7 @@ class LinearWithLoRA(nn.Module):
             lora.A.copy_(a)
             lora.B.copy_(b)
             lora.A0, lora.B0 = a.clone(), b.clone()
+        lora.init = init
         self.adapters[name] = lora
         return lora
 
@@ -245,7 +247,7 @@ def _matches(name: str, target: str) -> bool:
     )
 
 
-def _resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
     """Names of the layers that ``targets`` (group names, layer names or regexes) select."""
     targets = [targets] if isinstance(targets, str) else list(targets)
     patterns = [p for t in targets for p in TARGET_GROUPS.get(t, (t,))]
@@ -278,21 +280,14 @@ def apply_lora(
     or regular expressions over full names. With ``freeze_base``, every parameter except the
     LoRA factors and those of the modules in ``also_train`` is frozen.
     """
-    names = _resolve_targets(model, targets)
+    names = resolve_targets(model, targets)
     already = [n for n in names if isinstance(model.get_submodule(n), LinearWithLoRA)]
     if already:
         raise LoRAAlreadyAppliedError(
             f"These layers already have LoRA: {already}. Apply LoRA once; to start over, build "
             "a fresh model (or load the base checkpoint again)."
         )
-    shared = _shared_parameter_names(model)
-    tied = [n for n in names if f"{n}.weight" in shared]
-    if tied:
-        raise ValueError(
-            f"{tied} share their weight with {sorted(shared[f'{tied[0]}.weight'])}: a LoRA update "
-            "merged into it would change those too. Leave it out of the targets, or untie it "
-            "first (e.g. replace the head with a new nn.Linear)."
-        )
+    check_not_tied(model, names)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -304,6 +299,18 @@ def apply_lora(
     if freeze_base:
         freeze_except_lora(model, also_train)
     return model
+
+
+def check_not_tied(model: nn.Module, names: list[str]) -> None:
+    """Refuse LoRA on layers whose weight is shared with another module (a tied head)."""
+    shared = _shared_parameter_names(model)
+    tied = [n for n in names if f"{n}.weight" in shared]
+    if tied:
+        raise ValueError(
+            f"{tied} share their weight with {sorted(shared[f'{tied[0]}.weight'])}: a LoRA update "
+            "merged into it would change those too. Leave it out of the targets, or untie it "
+            "first (e.g. replace the head with a new nn.Linear)."
+        )
 
 
 def _shared_parameter_names(model: nn.Module) -> dict[str, set[str]]:
@@ -329,7 +336,7 @@ def freeze_except_lora(model: nn.Module, also_train: Iterable[str] = ()) -> None
 def merge_lora(model: nn.Module, safe: bool = True) -> int:
     """Merge every LoRA layer into its linear weight; returns how many were merged. With
     ``safe``, every merged weight is checked first and nothing changes if one is not finite."""
-    layers = [m for m in lora_layers(model).values() if not m.merged]
+    layers = [m for m in lora_layers(model).values() if not m.merged and m.active is not None]
     with torch.no_grad():
         finite = [torch.isfinite(layer.merged_weight()).all() for layer in layers] if safe else []
     if not all(finite):

@@ -1,0 +1,386 @@
+"""Adapters as files and as switchable parts of one base model (notebook 08).
+
+The adapter lifecycle known from Hugging Face PEFT, written from scratch: several named adapters
+on one frozen base, ``set_adapter``, ``disable_adapters``, ``delete_adapter``, ``unload`` and
+``merge_and_unload``; and ``save_adapter`` / ``load_adapter`` for a small safetensors file plus
+a JSON config that records which base model the adapter belongs to.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .lora import (
+    LinearWithLoRA,
+    check_not_tied,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    resolve_targets,
+    unmerge_lora,
+)
+from .model import GPTConfig
+
+ADAPTER_FORMAT = "lora_helpers.adapter.v1"
+WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+
+
+class AdapterMismatchError(RuntimeError):
+    """An adapter file does not fit the model it is loaded onto."""
+
+
+class PerAdapterModule(nn.Module):
+    """A module an adapter replaces or trains in full (e.g. a new head): the original, plus one
+    version per adapter. ``forward`` uses the active adapter's version, else the original."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.versions = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active not in self.versions:
+            return self.original
+        return self.versions[self.active]
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+
+def _wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA | PerAdapterModule)
+    }
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The names of the adapters on ``model``, in the order they were added."""
+    names = [n for m in lora_layers(model).values() for n in m.adapters]
+    return list(dict.fromkeys(names))
+
+
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    rank: int,
+    alpha: float,
+    targets: str | Iterable[str] = "blocks",
+    scaling: str = "standard",
+    dropout: float = 0.0,
+    init: str = "default",
+    modules_to_save: dict[str, nn.Module] | Iterable[str] = (),
+) -> nn.Module:
+    """Add a named LoRA adapter and make it the active, trainable one.
+
+    ``modules_to_save`` are modules this adapter owns in full: a name (the adapter trains its
+    own copy of that module) or ``{name: new_module}`` (e.g. ``{"out_head": nn.Linear(d, 2)}``).
+    """
+    if name in adapter_names(model):
+        raise ValueError(f"The model already has an adapter named {name!r}: {adapter_names(model)}")
+    names = resolve_targets(model, targets)
+    check_not_tied(
+        model, [n for n in names if not isinstance(model.get_submodule(n), LinearWithLoRA)]
+    )
+    for layer_name in names:
+        layer = model.get_submodule(layer_name)
+        if isinstance(layer, LinearWithLoRA):
+            layer.add_adapter(name, rank, alpha, scaling, dropout, init)
+        else:
+            _replace(
+                model, layer_name, LinearWithLoRA(layer, rank, alpha, scaling, dropout, init, name)
+            )
+    own = modules_to_save if isinstance(modules_to_save, dict) else dict.fromkeys(modules_to_save)
+    for module_name, module in own.items():
+        wrapper = model.get_submodule(module_name)
+        if not isinstance(wrapper, PerAdapterModule):
+            wrapper = PerAdapterModule(wrapper)
+            _replace(model, module_name, wrapper)
+        wrapper.versions[name] = module if module is not None else copy.deepcopy(wrapper.original)
+    set_adapter(model, name)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active adapter (layers without it act as plain layers) and the only
+    trainable part of the model."""
+    if name not in adapter_names(model):
+        raise KeyError(f"No adapter named {name!r}; the model has {adapter_names(model)}")
+    if any(m.merged for m in lora_layers(model).values()):
+        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
+    for param in model.parameters():
+        param.requires_grad = False
+    for wrapper in _wrappers(model).values():
+        own = wrapper.adapters if isinstance(wrapper, LinearWithLoRA) else wrapper.versions
+        wrapper.active = name if name in own else None
+        if name in own:
+            own[name].requires_grad_(True)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the active adapter, or None."""
+    actives = {m.active for m in lora_layers(model).values()} - {None}
+    return actives.pop() if actives else None
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block the model computes exactly what its base model computes."""
+    if any(m.merged for m in lora_layers(model).values()):
+        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
+    wrappers = _wrappers(model).values()
+    for wrapper in wrappers:
+        wrapper.disabled = True
+    try:
+        yield model
+    finally:
+        for wrapper in wrappers:
+            wrapper.disabled = False
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; a layer left with no adapter becomes its plain module again."""
+    if name not in adapter_names(model):
+        raise KeyError(f"No adapter named {name!r}; the model has {adapter_names(model)}")
+    for wrapper_name, wrapper in _wrappers(model).items():
+        if isinstance(wrapper, LinearWithLoRA):
+            if wrapper.merged and wrapper.active == name:
+                raise RuntimeError(f"{name!r} is merged into the weights: unmerge_lora first.")
+            own, plain = wrapper.adapters, wrapper.linear
+        else:
+            own, plain = wrapper.versions, wrapper.original
+        if name in own:
+            del own[name]
+            wrapper.active = None if wrapper.active == name else wrapper.active
+            if not own:
+                _replace(model, wrapper_name, plain)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: back to the plain base model (in place)."""
+    unmerge_lora(model)
+    for name, wrapper in _wrappers(model).items():
+        _replace(
+            model, name, wrapper.linear if isinstance(wrapper, LinearWithLoRA) else wrapper.original
+        )
+    return model
+
+
+def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
+    """Merge the active adapter into the weights and drop every adapter: a plain model with the
+    same outputs and no extra cost. With ``safe``, refuse (changing nothing) if a merged weight
+    would not be finite."""
+    merge_lora(model, safe=safe)
+    for name, wrapper in _wrappers(model).items():
+        _replace(
+            model,
+            name,
+            wrapper.linear if isinstance(wrapper, LinearWithLoRA) else wrapper.current(),
+        )
+    return model
+
+
+# --- files -----------------------------------------------------------------------------------
+
+
+def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
+    """sha256 over the base model's parameters (names, dtypes, shapes, values), ignoring adapters
+    and the modules in ``exclude``; the same for a plain base and one carrying adapters."""
+    exclude = tuple(f"{name}." for name in exclude)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_base_parameters(model).items()):
+        if name.startswith(exclude):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters of the base under the names they have without adapters."""
+    wrappers = _wrappers(model)
+    base = {}
+    for name, param in model.named_parameters():
+        owner = next((w for w in wrappers if name.startswith(f"{w}.")), None)
+        if owner is None:
+            base[name] = param
+            continue
+        rest = name[len(owner) + 1 :]
+        for inner in ("linear.", "original."):
+            if rest.startswith(inner):
+                base[f"{owner}.{rest[len(inner) :]}"] = param
+    return base
+
+
+def _architecture(model: nn.Module) -> dict:
+    cfg: GPTConfig = model.cfg
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "drop_rate"}
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    modules_to_save: Iterable[str] = (),
+) -> Path:
+    """Write adapter ``name`` (default: the active one) to ``directory``: its LoRA tensors and
+    the modules it owns (plus any plain ``modules_to_save``, e.g. a new head) in
+    ``adapter.safetensors``, and ``adapter_config.json`` describing it and its base."""
+    name = name or active_adapter(model)
+    if name not in adapter_names(model):
+        raise KeyError(f"No adapter named {name!r}; the model has {adapter_names(model)}")
+    if any(m.merged for m in lora_layers(model).values()):
+        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
+    layers = {n: m.adapters[name] for n, m in lora_layers(model).items() if name in m.adapters}
+    owned = {
+        n: w.versions[name]
+        for n, w in _wrappers(model).items()
+        if isinstance(w, PerAdapterModule) and name in w.versions
+    }
+    owned |= {n: model.get_submodule(n) for n in modules_to_save}
+    tensors = lora_state_dict(model, name)
+    for module_name, module in owned.items():
+        tensors |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
+    first = next(iter(layers.values()))
+    config = {
+        "format": ADAPTER_FORMAT,
+        "library": {"name": "lora_helpers", "version": __version__},
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "scaling_rule": first.scaling_rule,
+        "scaling": first.scaling,
+        "dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+        "init": first.init,
+        "targets": list(layers),
+        "modules_to_save": {n: _describe(m) for n, m in owned.items()},
+        "base": {
+            "architecture": _architecture(model),
+            "fingerprint": base_fingerprint(model, exclude=owned),
+        },
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{WEIGHTS_FILE}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    tmp = directory / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, directory / CONFIG_FILE)
+    return directory
+
+
+def _describe(module: nn.Module) -> dict:
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"Only nn.Linear modules can be saved with an adapter, got {type(module)}")
+    return {
+        "type": "Linear",
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": module.bias is not None,
+    }
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    """The JSON config of a saved adapter."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"No adapter at {directory}: {CONFIG_FILE} is missing.")
+    config = json.loads(path.read_text())
+    if config.get("format") != ADAPTER_FORMAT:
+        raise AdapterMismatchError(f"{path} is not a lora_helpers adapter ({ADAPTER_FORMAT}).")
+    return config
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
+    """Add the adapter saved in ``directory`` to ``model`` as ``name`` and make it active.
+
+    Raises AdapterMismatchError, saying what differs, if the model is not the adapter's base
+    (architecture, weights or target layers), or if a tensor is missing or unexpected.
+    """
+    config = read_adapter_config(directory)
+    _check_base(model, config)
+    device = next(model.parameters()).device
+    owned = {
+        n: nn.Linear(d["in_features"], d["out_features"], bias=d["bias"], device=device)
+        for n, d in config["modules_to_save"].items()
+    }
+    add_adapter(
+        model,
+        name,
+        config["rank"],
+        config["alpha"],
+        targets=[re.escape(t) for t in config["targets"]],
+        scaling=config["scaling_rule"],
+        dropout=config["dropout"],
+        init=config["init"],
+        modules_to_save=owned,
+    )
+    expected = lora_state_dict(model, name)
+    for module_name, module in owned.items():
+        expected |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
+    missing, extra = (
+        sorted(expected.keys() - tensors.keys()),
+        sorted(tensors.keys() - expected.keys()),
+    )
+    if missing or extra:
+        delete_adapter(model, name)
+        raise AdapterMismatchError(
+            f"{directory} does not hold the tensors its config describes: missing {missing}, "
+            f"unexpected {extra}. The file is incomplete or from another adapter."
+        )
+    with torch.no_grad():
+        for key, target in expected.items():
+            if target.shape != tensors[key].shape:
+                delete_adapter(model, name)
+                raise AdapterMismatchError(
+                    f"{key}: file has shape {tuple(tensors[key].shape)}, "
+                    f"the model expects {tuple(target.shape)}."
+                )
+            target.copy_(tensors[key])
+    return model
+
+
+def _check_base(model: nn.Module, config: dict) -> None:
+    """Raise AdapterMismatchError unless ``model`` is the base the adapter was trained on."""
+    stored, ours = config["base"]["architecture"], _architecture(model)
+    diffs = [
+        f"{k}: adapter's base {stored.get(k)} vs model {ours.get(k)}"
+        for k in sorted(stored.keys() | ours.keys())
+        if stored.get(k) != ours.get(k)
+    ]
+    if diffs:
+        raise AdapterMismatchError(
+            f"The adapter was trained on another architecture: {'; '.join(diffs)}."
+        )
+    layers = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | LinearWithLoRA)}
+    missing = [t for t in config["targets"] if t not in layers]
+    if missing:
+        raise AdapterMismatchError(f"The model has no layers named {missing} (adapter targets).")
+    fingerprint = base_fingerprint(model, exclude=config["modules_to_save"])
+    if fingerprint != config["base"]["fingerprint"]:
+        raise AdapterMismatchError(
+            "The model's weights differ from the base the adapter was trained on (fingerprint "
+            f"{fingerprint[:12]}… vs {config['base']['fingerprint'][:12]}…). Load the same base "
+            "checkpoint the adapter was trained on."
+        )

@@ -1,0 +1,233 @@
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_helpers import adapters as ad
+from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, merge_lora
+from lora_helpers.model import GPTModel, gpt_config
+
+IDX = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def make_base(seed=0, **overrides) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(gpt_config("scratch-tiny", vocab_size=1000, **overrides)).eval()
+
+
+def randomise(model, name):
+    """Stand-in for training: give adapter `name` (and the modules it owns) random values."""
+    torch.manual_seed(hash(name) % 1000)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            if name in layer.adapters:
+                layer.adapters[name].B.normal_(std=0.1)
+        for module in model.modules():
+            if isinstance(module, ad.PerAdapterModule) and name in module.versions:
+                for p in module.versions[name].parameters():
+                    p.normal_(std=0.1)
+
+
+@pytest.fixture
+def base():
+    return make_base()
+
+
+@pytest.fixture
+def two_adapters(base):
+    """'chat': rank 2 on attention, vocabulary head; 'spam': rank 4 on all blocks + 2-class head."""
+    model = copy.deepcopy(base)
+    ad.add_adapter(model, "chat", rank=2, alpha=4, targets="attention")
+    randomise(model, "chat")
+    ad.add_adapter(
+        model,
+        "spam",
+        rank=4,
+        alpha=4,
+        targets="blocks",
+        modules_to_save={"out_head": nn.Linear(64, 2)},
+    )
+    randomise(model, "spam")
+    return model.eval()
+
+
+def test_save_and_load_round_trip_gives_identical_outputs(base, two_adapters, tmp_path):
+    for name in ("chat", "spam"):
+        ad.set_adapter(two_adapters, name)
+        expected = two_adapters(IDX)
+        ad.save_adapter(two_adapters, tmp_path / name)
+        fresh = copy.deepcopy(base)
+        ad.load_adapter(fresh, tmp_path / name, name="loaded")
+        torch.testing.assert_close(fresh.eval()(IDX), expected, rtol=0, atol=1e-6)
+
+
+def test_config_describes_the_adapter_and_its_base(base, two_adapters, tmp_path):
+    ad.save_adapter(two_adapters, tmp_path / "spam", name="spam")
+    config = json.loads((tmp_path / "spam" / ad.CONFIG_FILE).read_text())
+    assert (config["rank"], config["alpha"], config["scaling"], config["init"]) == (
+        4,
+        4,
+        1.0,
+        "default",
+    )
+    assert len(config["targets"]) == 12 and config["targets"][0] == "trf_blocks.0.att.W_query"
+    assert config["modules_to_save"] == {
+        "out_head": {"type": "Linear", "in_features": 64, "out_features": 2, "bias": True}
+    }
+    assert config["base"]["architecture"]["n_layers"] == 2
+    assert config["base"]["fingerprint"] == ad.base_fingerprint(base, exclude=["out_head"])
+    assert config["library"]["name"] == "lora_helpers"
+    assert set(load_file(str(tmp_path / "spam" / ad.WEIGHTS_FILE))) >= {
+        "trf_blocks.0.att.W_query.lora.A",
+        "trf_blocks.1.ff.fc2.lora.B",
+        "out_head.weight",
+    }
+
+
+def test_adapter_trained_as_in_notebook_06_loads_onto_the_plain_base(base, tmp_path):
+    model = copy.deepcopy(base)
+    model.out_head = nn.Linear(64, 2)  # the classifier head, replaced in place
+    apply_lora(model, rank=4, alpha=4, targets="blocks", also_train=["out_head"])
+    randomise(model, "default")
+    expected = model(IDX)
+    ad.save_adapter(model, tmp_path / "clf", modules_to_save=["out_head"])
+    fresh = copy.deepcopy(base)
+    ad.load_adapter(fresh, tmp_path / "clf")
+    torch.testing.assert_close(fresh(IDX), expected, rtol=0, atol=1e-6)
+
+
+def test_wrong_base_is_refused_with_what_differs(two_adapters, tmp_path):
+    ad.save_adapter(two_adapters, tmp_path / "spam", name="spam")
+    with pytest.raises(ad.AdapterMismatchError, match="n_layers: adapter's base 2 vs model 3"):
+        ad.load_adapter(make_base(n_layers=3), tmp_path / "spam")
+    other_weights = make_base(seed=1)
+    with pytest.raises(ad.AdapterMismatchError, match="weights differ"):
+        ad.load_adapter(other_weights, tmp_path / "spam")
+    assert ad.adapter_names(other_weights) == []  # nothing was added
+    config_path = tmp_path / "spam" / ad.CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config["targets"].append("trf_blocks.7.att.W_query")
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ad.AdapterMismatchError, match="trf_blocks.7.att.W_query"):
+        ad.load_adapter(make_base(), tmp_path / "spam")
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_missing_or_extra_tensors_are_errors(base, two_adapters, tmp_path, change):
+    ad.save_adapter(two_adapters, tmp_path / "chat", name="chat")
+    path = tmp_path / "chat" / ad.WEIGHTS_FILE
+    tensors = load_file(str(path))
+    if change == "missing":
+        del tensors["trf_blocks.1.att.W_key.lora.B"]
+    else:
+        tensors["trf_blocks.1.ff.fc1.lora.A"] = torch.zeros(64, 2)
+    save_file(tensors, str(path))
+    fresh = copy.deepcopy(base)
+    with pytest.raises(
+        ad.AdapterMismatchError, match="W_key.lora.B" if change == "missing" else "fc1"
+    ):
+        ad.load_adapter(fresh, tmp_path / "chat")
+    assert ad.adapter_names(fresh) == [] and not lora_layers(fresh)
+
+
+def test_switching_back_and_forth_reproduces_each_adapter(two_adapters):
+    outputs = {}
+    for name in ("chat", "spam"):
+        ad.set_adapter(two_adapters, name)
+        outputs[name] = two_adapters(IDX)
+    assert outputs["chat"].shape == (2, 10, 1000) and outputs["spam"].shape == (2, 10, 2)
+    for name in ("spam", "chat", "spam", "chat"):
+        ad.set_adapter(two_adapters, name)
+        assert ad.active_adapter(two_adapters) == name
+        assert torch.equal(two_adapters(IDX), outputs[name])
+
+
+def test_only_the_active_adapter_trains(two_adapters):
+    ad.set_adapter(two_adapters, "chat")
+    trainable = {n for n, p in two_adapters.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.chat." in n for n in trainable)
+    ad.set_adapter(two_adapters, "spam")
+    trainable = {n for n, p in two_adapters.named_parameters() if p.requires_grad}
+    assert "out_head.versions.spam.weight" in trainable
+    assert all(".spam." in n for n in trainable)
+
+
+def test_disable_gives_exactly_the_base(base, two_adapters):
+    expected = base(IDX)
+    with ad.disable_adapters(two_adapters):
+        assert torch.equal(two_adapters(IDX), expected)
+    assert not torch.equal(two_adapters(IDX)[..., :2], expected[..., :2])
+
+
+def test_delete_and_unload(base, two_adapters):
+    ad.set_adapter(two_adapters, "chat")
+    chat_output = two_adapters(IDX)
+    ad.delete_adapter(two_adapters, "spam")
+    assert ad.adapter_names(two_adapters) == ["chat"]
+    assert not isinstance(two_adapters.out_head, ad.PerAdapterModule)  # head owned by spam only
+    assert not isinstance(two_adapters.trf_blocks[0].ff.fc1, LinearWithLoRA)
+    assert torch.equal(two_adapters(IDX), chat_output)
+    with pytest.raises(KeyError, match="spam"):
+        ad.set_adapter(two_adapters, "spam")
+    ad.unload(two_adapters)
+    assert not lora_layers(two_adapters)
+    assert two_adapters.state_dict().keys() == base.state_dict().keys()
+    assert torch.equal(two_adapters(IDX), base(IDX))
+
+
+def test_unload_after_merge_restores_the_base(base, two_adapters):
+    ad.set_adapter(two_adapters, "chat")
+    merge_lora(two_adapters)
+    ad.unload(two_adapters)
+    torch.testing.assert_close(two_adapters(IDX), base(IDX), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["chat", "spam"])
+def test_merge_and_unload_matches_the_adapter_model(two_adapters, name):
+    ad.set_adapter(two_adapters, name)
+    expected = two_adapters(IDX)
+    plain = ad.merge_and_unload(two_adapters)
+    assert not lora_layers(plain)
+    assert not any(isinstance(m, ad.PerAdapterModule) for m in plain.modules())
+    torch.testing.assert_close(plain(IDX), expected, rtol=0, atol=1e-5)
+
+
+def test_merge_and_unload_refuses_non_finite_and_changes_nothing(two_adapters):
+    ad.set_adapter(two_adapters, "chat")
+    with torch.no_grad():
+        two_adapters.trf_blocks[0].att.W_value.adapters["chat"].B.fill_(float("nan"))
+    with pytest.raises(ValueError, match="inf/NaN"):
+        ad.merge_and_unload(two_adapters)
+    assert len(lora_layers(two_adapters)) == 12
+    assert not any(m.merged for m in lora_layers(two_adapters).values())
+
+
+def test_olora_adapter_round_trip_and_unload(base, tmp_path):
+    model = copy.deepcopy(base)
+    ad.add_adapter(model, "o", rank=4, alpha=8, targets="attention", init="olora")
+    torch.testing.assert_close(model(IDX), base(IDX), rtol=0, atol=1e-5)  # starts unchanged
+    randomise(model, "o")
+    expected = model(IDX)
+    ad.save_adapter(model, tmp_path / "o")
+    fresh = copy.deepcopy(base)
+    ad.load_adapter(fresh, tmp_path / "o")
+    torch.testing.assert_close(fresh(IDX), expected, rtol=0, atol=1e-6)
+    assert torch.equal(ad.unload(fresh)(IDX), base(IDX))
+
+
+def test_misuse_is_refused(two_adapters, tmp_path):
+    with pytest.raises(ValueError, match="already has an adapter named 'chat'"):
+        ad.add_adapter(two_adapters, "chat", rank=2, alpha=2, targets="fc1")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        ad.load_adapter(two_adapters, tmp_path / "nothing")
+    ad.set_adapter(two_adapters, "chat")
+    merge_lora(two_adapters)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        ad.save_adapter(two_adapters, tmp_path / "x")
+    with pytest.raises(RuntimeError, match="unmerge"):
+        ad.set_adapter(two_adapters, "spam")
+    with pytest.raises(RuntimeError, match="unmerge"), ad.disable_adapters(two_adapters):
+        pass
