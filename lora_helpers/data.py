@@ -89,21 +89,41 @@ def verify_sha256(path: Path, expected: str) -> None:
         )
 
 
-def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
+def download_file(
+    url: str,
+    dest: Path,
+    timeout: float = 30.0,
+    expected_size: int | None = None,
+    expected_sha256: str | None = None,
+) -> None:
     """Download ``url`` to ``dest`` atomically (temporary file, then rename), with a progress bar.
 
+    If given, the size and sha256 are checked before the rename (CorruptFileError otherwise).
     On any failure the temporary file is removed and ``dest`` is left untouched.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
+    digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
                 for chunk in iter(lambda: response.read(1 << 16), b""):
                     out.write(chunk)
+                    digest.update(chunk)
                     bar.update(len(chunk))
+            n_bytes = out.tell()
+        if expected_size is not None and n_bytes != expected_size:
+            raise CorruptFileError(
+                f"Download of {url} is incomplete or not the expected file: its size is "
+                f"{n_bytes} bytes, expected {expected_size}. Nothing was saved; run again."
+            )
+        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+            raise CorruptFileError(
+                f"Download of {url} is corrupt or not the expected file: sha256 is "
+                f"{digest.hexdigest()}, expected {expected_sha256}. Nothing was saved; run again."
+            )
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
