@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 
 
@@ -22,3 +25,18 @@ def get_device(verbose: bool = True) -> torch.device:
     if verbose:
         print(report)
     return device
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 21) -> float:
+    """Median wall time of ``fn()`` in milliseconds, after one warm-up call, waiting for the GPU
+    to finish each call (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1000 * sorted(times)[len(times) // 2]

@@ -254,6 +254,11 @@ def run_variant(
     return model, result
 
 
+def spam_adapter_dir() -> Path:
+    """Where notebook 06 saves its LoRA spam filter as an adapter (used by notebook 08)."""
+    return artifacts_dir() / "adapters" / "spam-filter"
+
+
 def results_path() -> Path:
     """Where notebook 06 saves its comparison for later notebooks (``artifacts/``)."""
     return artifacts_dir() / "finetune_results.json"
