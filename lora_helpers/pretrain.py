@@ -14,7 +14,7 @@ import tiktoken
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from .data import NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
+from .data import DownloadError, NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
 from .model import GPTModel, count_parameters, gpt_config
 from .settings import artifacts_dir, is_quick
 from .tokenizer import END_OF_TEXT, get_tokenizer
@@ -180,3 +180,27 @@ def load_base_model(device: torch.device, recipe: PretrainRecipe | None = None) 
         f"validation loss {meta['val_loss']:.3f}) from {path}"
     )
     return model
+
+
+BASES = ("scratch", "gpt2-124M", "gpt2-355M", "gpt2-774M", "gpt2-1558M")
+
+
+def choose_base(name: str, device: torch.device) -> tuple[GPTModel, str]:
+    """The base model called ``name`` and the name actually used.
+
+    ``"scratch"`` is notebook 04's model; ``"gpt2-124M"`` etc. are OpenAI's GPT-2 weights, which
+    need the network once: offline, this says so in one line and returns the scratch base.
+    """
+    if name not in BASES:
+        raise ValueError(f"Unknown base {name!r}; choose one of {BASES}")
+    if name != "scratch":
+        from .gpt2 import load_gpt2  # GPT-2 is optional: import only when asked for
+
+        try:
+            return load_gpt2(name.removeprefix("gpt2-"), device), name
+        except DownloadError:
+            print(
+                f"{name} needs the network to download its weights once (unreachable here): "
+                "continuing with the from-scratch base."
+            )
+    return load_base_model(device), "scratch"

@@ -83,3 +83,21 @@ def test_ablation_bases_have_their_own_checkpoint_and_corpora():
         pretrain.pretraining_corpora(
             get_tokenizer(), dataclasses.replace(recipe, corpora=("wiki",))
         )
+
+
+def test_gpt2_base_offline_falls_back_to_scratch_in_one_line(monkeypatch, tmp_path, capsys):
+    from lora_helpers import gpt2
+    from lora_helpers.data import DownloadError
+
+    def offline(size, timeout=10.0):
+        raise DownloadError("no network")
+
+    monkeypatch.setattr(gpt2, "fetch_gpt2", offline)
+    sentinel = object()
+    monkeypatch.setattr(pretrain, "load_base_model", lambda device: sentinel)
+    model, used = pretrain.choose_base("gpt2-124M", torch.device("cpu"))
+    assert (model, used) == (sentinel, "scratch")
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "gpt2-124M needs the network" in out
+    with pytest.raises(ValueError, match="Unknown base"):
+        pretrain.choose_base("gpt3", torch.device("cpu"))
