@@ -8,6 +8,17 @@ from lora_helpers.data import sms_pretraining_texts, sms_spam_split
 from lora_helpers.tokenizer import END_OF_TEXT, get_tokenizer
 from lora_helpers.train import read_checkpoint_metadata
 
+# A few seconds of pretraining on a tiny model: enough to exercise checkpoints and loading.
+TINY_RECIPE = pretrain.PretrainRecipe(
+    preset="scratch-tiny",
+    dropout=0.0,
+    batch_size=4,
+    max_steps=6,
+    warmup_steps=2,
+    eval_every=3,
+    max_train_tokens=3_000,
+)
+
 
 def test_sms_corpus_holds_no_validation_or_test_message():
     split = sms_spam_split()
@@ -29,15 +40,7 @@ def test_corpora_are_split_without_overlap():
 
 def test_quick_pretraining_saves_a_base_that_later_notebooks_load(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
-    recipe = pretrain.PretrainRecipe(
-        preset="scratch-tiny",
-        dropout=0.0,
-        batch_size=4,
-        max_steps=6,
-        warmup_steps=2,
-        eval_every=3,
-        max_train_tokens=3_000,
-    )
+    recipe = TINY_RECIPE
     monkeypatch.setattr(pretrain, "pretrain_recipe", lambda: recipe)
     device = torch.device("cpu")
     model = pretrain.load_base_model(device)  # no checkpoint yet: pretrains first
@@ -52,15 +55,7 @@ def test_quick_pretraining_saves_a_base_that_later_notebooks_load(monkeypatch, t
 
 def test_a_checkpoint_from_another_recipe_is_rebuilt(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
-    recipe = pretrain.PretrainRecipe(
-        preset="scratch-tiny",
-        dropout=0.0,
-        batch_size=4,
-        max_steps=2,
-        warmup_steps=1,
-        eval_every=2,
-        max_train_tokens=2_000,
-    )
+    recipe = dataclasses.replace(TINY_RECIPE, max_steps=2, eval_every=2)
     device = torch.device("cpu")
     pretrain.load_base_model(device, recipe)
     capsys.readouterr()
