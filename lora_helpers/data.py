@@ -15,11 +15,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from .settings import artifacts_dir, data_dir
@@ -336,19 +337,65 @@ class MessageDataset(Dataset):
         return self.ids[i], self.labels[i]
 
 
-def pad_collate(batch: list[tuple[list[int], int]], pad_id: int = PAD_ID):
-    """Pad a batch to its own longest message (right padding).
+def pad_collate(
+    batch: list[tuple[list[int], int]],
+    pad_id: int = PAD_ID,
+    multiple: int = 1,
+    min_length: int = 0,
+):
+    """Pad a batch to its own longest message (right padding), rounded up to a ``multiple``.
 
     Returns ``(input_ids, lengths, labels)``; ``lengths - 1`` is the position of each message's
-    last real token, the only position the classifier reads.
+    last real token, the only position the classifier reads. ``multiple > 1`` leaves only a few
+    possible batch shapes (what a CUDA graph, captured once per shape, needs); ``min_length``
+    pads every batch to at least that length (e.g. the whole training set's longest message).
     """
-    longest = max(len(ids) for ids, _ in batch)
+    longest = max(min_length, *(len(ids) for ids, _ in batch))
+    longest = -(-longest // multiple) * multiple
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     for row, (ids, _) in enumerate(batch):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     lengths = torch.tensor([len(ids) for ids, _ in batch])
     labels = torch.tensor([label for _, label in batch])
     return input_ids, lengths, labels
+
+
+class LengthBucketSampler(Sampler[list[int]]):
+    """Batches of messages of similar length, in a seeded random order (less padding).
+
+    Each epoch: shuffle every message, cut the order into pools of ``pool_batches`` batches,
+    sort each pool by length and cut it into batches, then shuffle the batches. Every message
+    is used once per epoch; with ``drop_last`` the few left over after the last full batch
+    (a different few each epoch) sit this epoch out, as with a shuffling DataLoader.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        pool_batches: int = 8,
+        drop_last: bool = True,
+        seed: int = 123,
+    ):
+        self.lengths = list(lengths)
+        self.batch_size, self.pool_batches, self.drop_last = batch_size, pool_batches, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n, size = len(self.lengths), self.batch_size
+        return n // size if self.drop_last else -(-n // size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        if self.drop_last:
+            order = order[: len(self) * self.batch_size]
+        pool, size = self.pool_batches * self.batch_size, self.batch_size
+        batches = []
+        for start in range(0, len(order), pool):
+            by_length = sorted(order[start : start + pool], key=self.lengths.__getitem__)
+            batches += [by_length[i : i + size] for i in range(0, len(by_length), size)]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
 
 
 def message_loaders(

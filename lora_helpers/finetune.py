@@ -24,7 +24,7 @@ from .data import LABEL_IDS, Message
 from .lora import apply_lora, freeze_except_lora
 from .model import GPTModel, count_parameters
 from .settings import artifacts_dir, is_quick
-from .train import History, autocast_for, train
+from .train import History, adamw, autocast_for, train
 
 VARIANTS = ("head", "last-block", "full", "lora-r8", "lora-r16")
 LABEL_NAMES = {index: name for name, index in LABEL_IDS.items()}
@@ -82,7 +82,8 @@ def last_token_logits(
     after it, so the result does not depend on how much padding the batch needed.
     """
     hidden = model.hidden_states(input_ids)
-    last = hidden[torch.arange(len(lengths), device=hidden.device), lengths.to(hidden.device) - 1]
+    last_positions = lengths.to(hidden.device, non_blocking=True) - 1
+    last = hidden[torch.arange(len(lengths), device=hidden.device), last_positions]
     return model.out_head(last)
 
 
@@ -91,8 +92,8 @@ def classification_loss(
 ) -> torch.Tensor:
     """Cross-entropy of the last-token logits against the labels."""
     input_ids, lengths, labels = batch
-    logits = last_token_logits(model, input_ids.to(device), lengths)
-    return F.cross_entropy(logits.float(), labels.to(device))
+    logits = last_token_logits(model, input_ids.to(device, non_blocking=True), lengths)
+    return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -163,7 +164,7 @@ def finetune(
     """AdamW on the trainable parameters for ``recipe.epochs`` epochs, evaluating every epoch
     (validation loss, and training/validation accuracy in ``history.metrics``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
+    optimizer = adamw(params, lr, recipe.weight_decay, device)
     steps_per_epoch = len(loaders["train"])
 
     def accuracies(m: nn.Module) -> dict[str, float]:

@@ -165,3 +165,50 @@ def test_pretraining_texts_exclude_every_validation_and_test_text():
     assert texts and held_out.isdisjoint(texts)
     train_only = {t for _, t in split["train"]} - held_out
     assert train_only <= set(texts)
+
+
+def test_pad_collate_rounds_up_to_a_multiple_and_a_minimum_length():
+    batch = [([1, 2, 3], 0), ([4], 1)]
+    assert data.pad_collate(batch, multiple=4)[0].shape == (2, 4)
+    assert data.pad_collate(batch, multiple=2)[0].shape == (2, 4)
+    assert data.pad_collate(batch, min_length=7)[0].shape == (2, 7)
+    assert data.pad_collate(batch, min_length=7, multiple=4)[0].shape == (2, 8)
+    assert data.pad_collate(batch, min_length=2)[0].shape == (2, 3)  # never shorter than needed
+
+
+def _bucket_epochs(lengths, seed=5, epochs=2, **kwargs):
+    sampler = data.LengthBucketSampler(lengths, batch_size=4, pool_batches=3, seed=seed, **kwargs)
+    return sampler, [list(sampler) for _ in range(epochs)]
+
+
+def test_length_buckets_use_every_message_once_per_epoch():
+    lengths = [(7 * i) % 23 + 1 for i in range(50)]
+    sampler, epochs = _bucket_epochs(lengths, drop_last=False)
+    assert len(sampler) == 13
+    for batches in epochs:
+        assert len(batches) == 13
+        assert sorted(i for b in batches for i in b) == list(range(50))
+    sampler, epochs = _bucket_epochs(lengths, drop_last=True)
+    assert len(sampler) == 12
+    for batches in epochs:
+        used = [i for b in batches for i in b]
+        assert len(batches) == 12 and all(len(b) == 4 for b in batches)
+        assert len(used) == len(set(used)) == 48
+
+
+def test_length_buckets_group_similar_lengths_and_repeat_under_a_seed():
+    lengths = [(7 * i) % 23 + 1 for i in range(48)]
+    _, epochs = _bucket_epochs(lengths)
+    for batch in epochs[0]:
+        assert [lengths[i] for i in batch] == sorted(lengths[i] for i in batch)
+    # batches come from length-sorted pools: far less spread in a batch than a plain shuffle
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epochs[0])
+    shuffled = torch.randperm(48, generator=torch.Generator().manual_seed(0)).tolist()
+    plain = sum(
+        max(lengths[i] for i in shuffled[k : k + 4]) - min(lengths[i] for i in shuffled[k : k + 4])
+        for k in range(0, 48, 4)
+    )
+    assert spread < plain / 2
+    assert epochs == _bucket_epochs(lengths)[1]  # same seed, same batches, epoch after epoch
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    assert epochs[0] != _bucket_epochs(lengths, seed=6)[1][0]

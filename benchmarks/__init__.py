@@ -1,0 +1,1 @@
+"""Benchmarks of the LoRA from Scratch code (run as python -m benchmarks.<name>)."""
