@@ -145,3 +145,14 @@ def test_results_are_saved_for_later_notebooks(monkeypatch, tmp_path, base):
             "saved_mib": 0.01,
         }
     ]
+
+
+def test_runs_on_the_same_loaders_see_the_same_batches(base):
+    recipe = ft.FinetuneRecipe(epochs=1, max_messages=16)
+    split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
+    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
+    device = torch.device("cpu")
+    first = ft.run_variant(base, "lora-r8", loaders, split, device, recipe)[0]
+    second = ft.run_variant(base, "lora-r8", loaders, split, device, recipe)[0]
+    for (name, a), b in zip(first.named_parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b), name
