@@ -1,0 +1,61 @@
+"""The collection as a whole: badges, setup cells, exercises and solutions, and every notebook
+running on its own in a fresh folder (quick mode), as a student opening it cold would run it."""
+
+import importlib.util
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
+
+spec = importlib.util.spec_from_file_location("colab", ROOT / "tools" / "colab.py")
+colab = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(colab)
+
+
+def ids(paths):
+    return [p.stem for p in paths]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=ids(NOTEBOOKS + SOLUTIONS))
+def test_badge_points_at_its_own_notebook_and_setup_cell_is_current(path):
+    nb = nbformat.read(path, as_version=4)
+    links = re.findall(r"\(https://colab\.research\.google\.com/github/[^)]+\)", nb.cells[0].source)
+    assert links == [f"({colab.colab_url(path)})"]
+    assert nb.cells[1].source == colab.setup_cell()
+
+
+def test_readme_lists_every_notebook_with_its_own_badge():
+    readme = (ROOT / "README.md").read_text()
+    for path in NOTEBOOKS:
+        link = path.relative_to(ROOT).as_posix()
+        assert f"]({link}) {colab.badge(path)}" in readme, f"README row for {path.name}"
+    assert colab.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_each_notebook_has_exercises_and_worked_solutions(path):
+    nb = nbformat.read(path, as_version=4)
+    assert "**Exercises**" in nb.cells[-1].source
+    assert (ROOT / "notebooks" / "solutions" / f"{path.stem}_solutions.ipynb").exists()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
+def test_notebook_runs_alone_in_a_fresh_folder(path, tmp_path, monkeypatch):
+    """No earlier notebook has run and no artifact exists: the notebook must rebuild or download
+    what it needs (quick mode; the data comes from LORA_DATA_DIR when set, as offline in CI)."""
+    monkeypatch.setenv("LORA_QUICK", "1")
+    monkeypatch.delenv("LORA_ARTIFACTS_DIR", raising=False)
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    nb = nbformat.read(copy, as_version=4)
+    NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").glob("*.png"))
