@@ -154,14 +154,13 @@ def safe_extract(archive: Path, member: str, dest: Path) -> None:
 
 def _download_verified(resource: Resource, url: str, dest: Path, timeout: float) -> None:
     """Fetch one address into ``dest``; only a file with the right sha256 is kept."""
+    if resource.zip_member is None:  # checked while it streams, renamed only if right
+        download_file(url, dest, timeout, expected_sha256=resource.sha256)
+        return
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        staged = Path(tmp) / dest.name
-        if resource.zip_member:
-            archive = Path(tmp) / "download.zip"
-            download_file(url, archive, timeout)
-            safe_extract(archive, resource.zip_member, staged)
-        else:
-            download_file(url, staged, timeout)
+        archive, staged = Path(tmp) / "download.zip", Path(tmp) / dest.name
+        download_file(url, archive, timeout)
+        safe_extract(archive, resource.zip_member, staged)
         verify_sha256(staged, resource.sha256)
         os.replace(staged, dest)
 

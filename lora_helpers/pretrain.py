@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from .data import DownloadError, NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
+from .gpt2 import load_gpt2
 from .model import GPTModel, count_parameters, gpt_config
 from .settings import artifacts_dir, is_quick
 from .tokenizer import END_OF_TEXT, get_tokenizer
@@ -194,8 +195,6 @@ def choose_base(name: str, device: torch.device) -> tuple[GPTModel, str]:
     if name not in BASES:
         raise ValueError(f"Unknown base {name!r}; choose one of {BASES}")
     if name != "scratch":
-        from .gpt2 import load_gpt2  # GPT-2 is optional: import only when asked for
-
         try:
             return load_gpt2(name.removeprefix("gpt2-"), device), name
         except DownloadError:
