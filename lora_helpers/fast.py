@@ -24,7 +24,7 @@ from .data import LengthBucketSampler, MessageDataset, pad_collate
 from .finetune import last_token_logits
 from .lora import lora_layers
 from .model import MultiHeadAttention
-from .train import adamw
+from .train import adamw, autocast_for
 
 LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -105,9 +105,7 @@ def lever_study_levers(levers: Levers, device: torch.device) -> dict[str, Levers
 def autocast(levers: Levers, device: torch.device):
     """bf16 autocast when the levers ask for it and the GPU supports it, else a no-op. (Its
     weight cache is off, as CUDA graph capture requires.)"""
-    if levers.uses_bf16(device):
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    return nullcontext()
+    return autocast_for(device, cache_enabled=False) if levers.bf16 else nullcontext()
 
 
 def classification_loader(

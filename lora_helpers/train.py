@@ -36,10 +36,11 @@ def lm_loss(
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on GPUs that support it (faster, half the activation memory), else a no-op."""
+def autocast_for(device: torch.device, cache_enabled: bool = True):
+    """bf16 autocast on GPUs that support it (faster, half the activation memory), else a no-op.
+    (CUDA graph capture needs ``cache_enabled=False``.)"""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return nullcontext()
 
 
