@@ -19,7 +19,7 @@ from .gpt2 import load_gpt2
 from .model import GPTModel, count_parameters, gpt_config
 from .settings import artifacts_dir, is_quick
 from .tokenizer import END_OF_TEXT, get_tokenizer
-from .train import History, cosine_schedule, load_checkpoint, read_checkpoint_metadata, train
+from .train import History, adamw, cosine_schedule, load_checkpoint, read_checkpoint_metadata, train
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,7 @@ def run_pretraining(
     """AdamW with warm-up and cosine decay, gradient clipping, bf16 on GPUs; the checkpoint with
     the best validation loss (all corpora together) is saved to ``base_checkpoint_path()``."""
     both = ConcatDataset([loader.dataset for loader in val_loaders.values()])
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
-    )
+    optimizer = adamw(model.parameters(), recipe.lr, recipe.weight_decay, device)
     return train(
         model,
         train_loader,

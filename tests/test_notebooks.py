@@ -14,9 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SOLUTIONS = sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
 
-spec = importlib.util.spec_from_file_location("colab", ROOT / "tools" / "colab.py")
-colab = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(colab)
+
+def load_tool(name):
+    """A script of ``tools/`` imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+colab, run_all = load_tool("colab"), load_tool("run_all")
 
 
 def ids(paths):
@@ -59,3 +66,17 @@ def test_notebook_runs_alone_in_a_fresh_folder(path, tmp_path, monkeypatch):
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     assert not (tmp_path / "images").exists() or not any((tmp_path / "images").glob("*.png"))
+
+
+def test_run_all_keeps_the_executed_copy_of_a_failing_notebook(tmp_path):
+    cells = [nbformat.v4.new_code_cell("print('first cell ran')"), nbformat.v4.new_code_cell("1/0")]
+    path = tmp_path / "broken.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
+    out = tmp_path / "executed" / "broken.ipynb"
+
+    seconds, error = run_all.run_notebook(path, out, timeout=60)
+
+    assert seconds > 0 and "ZeroDivisionError" in error
+    executed = nbformat.read(out, as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "first cell ran\n"
+    assert executed.cells[1].outputs[0]["ename"] == "ZeroDivisionError"

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_notebook(path: Path, out: Path, timeout: int) -> float:
-    """Execute ``path`` in its own folder, write the executed copy to ``out``; seconds taken."""
+def run_notebook(path: Path, out: Path, timeout: int) -> tuple[float, str | None]:
+    """Execute ``path`` in its own folder and write the executed copy to ``out`` (also when a
+    cell fails, to show where); returns the seconds taken and the error, if any."""
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     client = NotebookClient(
@@ -30,11 +32,15 @@ def run_notebook(path: Path, out: Path, timeout: int) -> float:
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    client.execute()
+    error = None
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        error = str(err).strip().splitlines()[-1]
     seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
-    return seconds
+    return seconds, error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         paths = [p for p in paths if p.name[:2] in args.only]
     mode = "quick" if os.environ.get("LORA_QUICK") == "1" else "full"
     print(f"Running {len(paths)} notebooks in {mode} mode")
-    times = {}
+    times, failed = {}, {}
     for path in paths:
         out = args.out / path.name if args.out else path
         print(f"  {path.relative_to(ROOT)} ...", end=" ", flush=True)
-        times[path.name] = run_notebook(path, out, args.timeout)
-        print(f"{times[path.name]:7.1f} s")
+        times[path.name], error = run_notebook(path, out, args.timeout)
+        print(f"{times[path.name]:7.1f} s" + (f"  FAILED: {error}" if error else ""))
+        if error:
+            failed[path.name] = error
     print(f"\n| notebook | {mode}-mode time |\n|---|---|")
     for name, seconds in times.items():
         print(
@@ -71,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
             else f"| {name} | {seconds:.0f} s |"
         )
     print(f"| **all** | {sum(times.values()) / 60:.1f} min |")
-    return 0
+    if failed:
+        print(f"\n{len(failed)} failed (their executed copies show where): {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
