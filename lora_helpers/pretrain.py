@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from .data import DownloadError, NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
 from .gpt2 import load_gpt2
 from .model import GPTModel, count_parameters, gpt_config
-from .settings import artifacts_dir, is_quick
+from .settings import artifacts_dir, display_path, is_quick
 from .tokenizer import END_OF_TEXT, get_tokenizer
 from .train import History, adamw, cosine_schedule, load_checkpoint, read_checkpoint_metadata, train
 
@@ -165,18 +165,19 @@ def load_base_model(device: torch.device, recipe: PretrainRecipe | None = None) 
     """The pretrained base from notebook 04: loaded if saved, otherwise pretrained now."""
     recipe = recipe or pretrain_recipe()
     path = base_checkpoint_path(recipe)
+    shown = display_path(path)
     if not path.exists():
-        print(f"No base checkpoint at {path}: pretraining it now, exactly as notebook 04 does.")
+        print(f"No base checkpoint at {shown}: pretraining it now, exactly as notebook 04 does.")
         pretrain_base(device, recipe)
     elif read_checkpoint_metadata(path).get("recipe") != json.loads(json.dumps(asdict(recipe))):
         print(
-            f"The base checkpoint at {path} was pretrained with another recipe: pretraining again."
+            f"The base checkpoint at {shown} was pretrained with another recipe: pretraining again."
         )
         pretrain_base(device, recipe)
     model, meta = load_checkpoint(path, device=device)
     print(
         f"Loaded the base model ({count_parameters(model):,} parameters, step {meta['step']}, "
-        f"validation loss {meta['val_loss']:.3f}) from {path}"
+        f"validation loss {meta['val_loss']:.3f}) from {shown}"
     )
     return model
 

@@ -51,3 +51,10 @@ def images_dir() -> Path:
     folder = folder / "quick" if is_quick() else folder
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the project folder when it lies inside it (as printed in the
+    notebooks' outputs, which should not show where one person's copy lives), else in full."""
+    path = Path(path).resolve()
+    return str(path.relative_to(project_dir())) if path.is_relative_to(project_dir()) else str(path)
