@@ -17,6 +17,7 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -341,8 +342,10 @@ def pad_collate(
     pad_id: int = PAD_ID,
     multiple: int = 1,
     min_length: int = 0,
+    max_length: int | None = None,
 ):
-    """Pad a batch to its own longest message (right padding), rounded up to a ``multiple``.
+    """Pad a batch to its own longest message (right padding), rounded up to a ``multiple``
+    but never beyond ``max_length`` (the model's context).
 
     Returns ``(input_ids, lengths, labels)``; ``lengths - 1`` is the position of each message's
     last real token, the only position the classifier reads. ``multiple > 1`` leaves only a few
@@ -351,6 +354,8 @@ def pad_collate(
     """
     longest = max(min_length, *(len(ids) for ids, _ in batch))
     longest = -(-longest // multiple) * multiple
+    if max_length is not None:
+        longest = min(longest, max(max_length, *(len(ids) for ids, _ in batch)))
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     for row, (ids, _) in enumerate(batch):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -398,9 +403,20 @@ class LengthBucketSampler(Sampler[list[int]]):
 
 
 def message_loaders(
-    split: dict[str, list[Message]], tokenizer, batch_size: int, max_length: int, seed: int = 123
+    split: dict[str, list[Message]],
+    tokenizer,
+    batch_size: int,
+    max_length: int,
+    seed: int = 123,
+    pad_multiple: int | None = None,
 ) -> dict[str, DataLoader]:
-    """Loaders for the train (shuffled, seeded), validation and test messages."""
+    """Loaders for the train (shuffled, seeded), validation and test messages, each batch
+    padded to its longest message rounded up to ``pad_multiple`` (default: 16 where a CUDA GPU
+    is present, so that few batch shapes occur and training steps replay as CUDA graphs; else 1).
+    """
+    if pad_multiple is None:
+        pad_multiple = 16 if torch.cuda.is_available() else 1
+    collate = partial(pad_collate, multiple=pad_multiple, max_length=max_length)
     loaders = {}
     for name in ("train", "validation", "test"):
         is_train = name == "train"
@@ -409,7 +425,7 @@ def message_loaders(
             batch_size=batch_size,
             shuffle=is_train,
             drop_last=is_train,
-            collate_fn=pad_collate,
+            collate_fn=collate,
             generator=torch.Generator().manual_seed(seed) if is_train else None,
         )
     return loaders

@@ -24,7 +24,7 @@ from .data import LengthBucketSampler, MessageDataset, pad_collate
 from .finetune import last_token_logits
 from .lora import lora_layers
 from .model import MultiHeadAttention
-from .train import adamw, autocast_for
+from .train import GraphedStep, adamw, autocast_for
 
 LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -162,68 +162,6 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> i
     for linear in frozen:
         linear.to(dtype)
     return len(frozen)
-
-
-class GraphedStep:
-    """``loss_and_grad(batch)`` captured as one CUDA graph per batch shape, then replayed.
-
-    Replaying a graph launches the step's thousands of kernels with one call, so the GPU no
-    longer waits on Python. The gradients live in fixed tensors that every graph first zeroes,
-    then fills; the optimizer reads them as usual. A new shape costs ``warmup`` eager steps on
-    the same batch (so the gradients they leave are the right ones) and one capture. Should a
-    capture fail, that shape runs eagerly (and says so): slower, never wrong.
-    """
-
-    def __init__(
-        self,
-        loss_and_grad: Callable[[list[torch.Tensor]], torch.Tensor],
-        params: list[nn.Parameter],
-        warmup: int = 1,
-    ):
-        self.loss_and_grad, self.params, self.warmup = loss_and_grad, params, warmup
-        for p in params:
-            p.grad = torch.zeros_like(p)  # fixed addresses: backward accumulates into them
-        self.graphs: dict[tuple, tuple | None] = {}
-        # The graphs share one memory pool: safe because they never run at the same time and
-        # each replay's loss is used before the next replay.
-        self.pool = torch.cuda.graph_pool_handle()
-
-    def _step(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        for p in self.params:
-            p.grad.zero_()
-        return self.loss_and_grad(batch)
-
-    def _capture(self, batch: list[torch.Tensor]) -> tuple:
-        static_batch = [t.clone() for t in batch]
-        side = torch.cuda.Stream()  # warm-up runs off the main stream, as capture requires
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._step(static_batch)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_loss = self._step(static_batch)
-        except RuntimeError as err:
-            shape = tuple(batch[0].shape)
-            print(f"CUDA graph capture failed for batch shape {shape}, running it eagerly: {err}")
-            return None
-        return graph, static_batch, static_loss
-
-    def __call__(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        """Zero the gradients, then forward and backward; the returned loss tensor is
-        overwritten by the next call (use it before)."""
-        key = tuple(t.shape for t in batch)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(batch)
-        if self.graphs[key] is None:
-            return self._step(batch)
-        graph, static_batch, static_loss = self.graphs[key]
-        for static, t in zip(static_batch, batch, strict=True):
-            static.copy_(t, non_blocking=True)
-        graph.replay()
-        return static_loss
 
 
 def train_classifier(

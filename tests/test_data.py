@@ -174,6 +174,8 @@ def test_pad_collate_rounds_up_to_a_multiple_and_a_minimum_length():
     assert data.pad_collate(batch, min_length=7)[0].shape == (2, 7)
     assert data.pad_collate(batch, min_length=7, multiple=4)[0].shape == (2, 8)
     assert data.pad_collate(batch, min_length=2)[0].shape == (2, 3)  # never shorter than needed
+    assert data.pad_collate(batch, multiple=4, max_length=3)[0].shape == (2, 3)  # the context
+    assert data.pad_collate(batch, multiple=4, max_length=2)[0].shape == (2, 3)  # never too short
 
 
 def _bucket_epochs(lengths, seed=5, epochs=2, **kwargs):

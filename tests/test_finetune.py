@@ -29,14 +29,25 @@ def test_message_dataset_truncates_and_maps_labels():
 def test_loaders_sizes_and_seeded_order():
     tokenizer = get_tokenizer()
     split = sms_spam_split()
-    loaders = message_loaders(split, tokenizer, batch_size=8, max_length=256)
+    loaders = message_loaders(split, tokenizer, batch_size=8, max_length=256, pad_multiple=1)
     assert len(loaders["train"]) == 1045 // 8  # drop_last
     assert len(loaders["validation"].dataset) == 149 and len(loaders["test"].dataset) == 300
     first = next(iter(loaders["train"]))[0]
-    again = next(iter(message_loaders(split, tokenizer, 8, 256)["train"]))[0]
+    again = next(iter(message_loaders(split, tokenizer, 8, 256, pad_multiple=1)["train"]))[0]
     assert torch.equal(first, again)
     batch_ids, lengths, _ = next(iter(loaders["test"]))
     assert batch_ids.shape[1] == lengths.max().item()  # padded to this batch's longest
+
+
+def test_loaders_can_round_lengths_up_for_few_batch_shapes():
+    split = sms_spam_split()
+    loaders = message_loaders(split, get_tokenizer(), 8, max_length=40, pad_multiple=16)
+    shapes = {ids.shape[1] for ids, lengths, _ in loaders["train"]}
+    assert shapes <= {16, 32, 40}  # multiples of 16, but never beyond the context
+    for ids, lengths, _ in loaders["test"]:
+        assert lengths.max() <= ids.shape[1] < lengths.max() + 16
+    default = message_loaders(split, get_tokenizer(), 8, max_length=256)["test"].collate_fn
+    assert default.keywords["multiple"] == (16 if torch.cuda.is_available() else 1)
 
 
 @pytest.mark.parametrize("use_sdpa", [True, False])

@@ -92,3 +92,42 @@ def test_training_lowers_the_loss_and_saves_the_best(tmp_path):
     best, meta = load_checkpoint(ckpt)
     assert meta["step"] == history.best_step
     assert evaluate(best, val_loader, device) == pytest.approx(history.best_val_loss, abs=1e-5)
+
+
+def lm_batches(n: int, lengths: tuple[int, ...], seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """``n`` next-token batches of a predictable sequence, cycling through several lengths."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for i in range(n):
+        start = torch.randint(0, 50, (4, 1), generator=g)
+        ids = (start + torch.arange(lengths[i % len(lengths)] + 1)) % 50
+        batches.append((ids[:, :-1], ids[:, 1:]))
+    return batches
+
+
+def test_no_progress_bar_when_asked(capsys):
+    torch.manual_seed(0)
+    model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = lm_batches(4, (8,))
+    cpu = torch.device("cpu")
+    train(model, batches, batches, optimizer, cpu, max_steps=4, eval_every=2, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graphs_train_like_eager_steps_across_batch_shapes():
+    cuda, runs = torch.device("cuda"), []
+    batches = lm_batches(12, (8, 12, 16))  # three shapes: three graphs
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16)).to(cuda)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+        history = train(model, batches, batches[:3], optimizer, cuda, 24, 6, cuda_graphs=graphs)
+        runs.append((history, [p.detach().float().cpu() for p in model.parameters()]))
+    (eager, eager_params), (graphed, graphed_params) = runs
+    assert graphed.train_loss == pytest.approx(eager.train_loss, rel=1e-2)
+    assert graphed.val_loss == pytest.approx(eager.val_loss, rel=1e-2)
+    assert graphed.val_loss[-1] < graphed.val_loss[0]
+    for a, b in zip(eager_params, graphed_params, strict=True):  # a lost step would move ~3e-3
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
