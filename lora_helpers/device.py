@@ -27,6 +27,12 @@ def get_device(verbose: bool = True) -> torch.device:
     return device
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """True on CUDA GPUs with bf16 arithmetic in hardware (compute capability 8.0 or newer:
+    A100, H100, RTX 30xx...). Older ones, such as Colab's free T4, only emulate it, slowly."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 21) -> float:
     """Median wall time of ``fn()`` in milliseconds, after one warm-up call, waiting for the GPU
     to finish each call (CUDA runs asynchronously)."""

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import LengthBucketSampler, MessageDataset, pad_collate
+from .device import has_native_bf16
 from .finetune import last_token_logits
 from .lora import lora_layers
 from .model import MultiHeadAttention
@@ -52,7 +53,7 @@ class Levers:
             raise ValueError("Use cuda_graphs or compile, not both.")
 
     def uses_bf16(self, device: torch.device) -> bool:
-        return self.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return self.bf16 and has_native_bf16(device)
 
 
 NAIVE = Levers(

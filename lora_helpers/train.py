@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .device import has_native_bf16
 from .model import GPTConfig, GPTModel
 
 CHECKPOINT_FORMAT = "lora_helpers.gpt.v1"
@@ -37,9 +38,9 @@ def lm_loss(
 
 
 def autocast_for(device: torch.device, cache_enabled: bool = True):
-    """bf16 autocast on GPUs that support it (faster, half the activation memory), else a no-op.
-    (CUDA graph capture needs ``cache_enabled=False``.)"""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 autocast on GPUs with native bf16 (faster, half the activation memory), else a
+    no-op. (CUDA graph capture needs ``cache_enabled=False``.)"""
+    if has_native_bf16(device):
         return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return nullcontext()
 

@@ -1,8 +1,10 @@
 import time
 
+import pytest
 import torch
 
-from lora_helpers.device import get_device, median_ms
+from lora_helpers.device import get_device, has_native_bf16, median_ms
+from lora_helpers.train import autocast_for
 
 
 def test_device_report(capsys):
@@ -21,3 +23,16 @@ def test_median_ms_measures_the_call():
     ms = median_ms(sleep_5ms, torch.device("cpu"), repeats=5)
     assert len(calls) == 6  # one warm-up + 5 timed
     assert ms >= 5.0  # time.sleep never returns early
+
+
+CAPABILITIES = [((7, 5), False), ((8, 0), True), ((9, 0), True)]  # T4, A100, H100
+
+
+@pytest.mark.parametrize(("capability", "native"), CAPABILITIES)
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # a CPU-only machine pretends here
+def test_bf16_autocast_only_with_bf16_in_hardware(monkeypatch, capability, native):
+    assert not has_native_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert has_native_bf16(cuda) is native
+    assert isinstance(autocast_for(cuda), torch.autocast) is native
