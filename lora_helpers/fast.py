@@ -25,7 +25,7 @@ from .device import has_native_bf16
 from .finetune import last_token_logits
 from .lora import lora_layers
 from .model import MultiHeadAttention
-from .train import GraphedStep, adamw, autocast_for
+from .train import GraphedStep, adamw, autocast_for, optimizer_step
 
 LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -209,14 +209,7 @@ def train_classifier(
         total = torch.zeros((), device=device) if levers.sync_free else 0.0
         for batch in loader:
             batch = [t.to(device, non_blocking=levers.sync_free) for t in batch]
-            if graphed is not None:
-                loss = graphed(batch)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_and_grad(batch)
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            loss = optimizer_step(optimizer, loss_and_grad, batch, params, grad_clip, graphed)
             total += loss if levers.sync_free else loss.item()
         epoch_losses.append(total / len(loader))
     return [float(loss) for loss in epoch_losses]  # one sync, at the very end

@@ -148,6 +148,27 @@ class GraphedStep:
         return static_loss
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    loss_and_grad: Callable[[list[torch.Tensor]], torch.Tensor],
+    batch: list[torch.Tensor],
+    params: list[torch.nn.Parameter],
+    grad_clip: float | None,
+    graphed_step: GraphedStep | None = None,
+) -> torch.Tensor:
+    """One training step: the gradients (replayed as a CUDA graph when ``graphed_step`` is
+    given), clipping, the update; returns the loss (without waiting for the GPU)."""
+    if graphed_step is not None:
+        loss = graphed_step(batch)  # zeroes the gradients, then forward and backward
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_and_grad(batch)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return loss
+
+
 @dataclass
 class History:
     """What happened during training, for plots and reports."""
@@ -214,14 +235,7 @@ def train(
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * lr_schedule(step)
         batch = [t.to(device, non_blocking=True) for t in next(batches)]
-        if graphed_step is not None:
-            loss = graphed_step(batch)  # zeroes the gradients, then forward and backward
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_and_grad(batch)
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
-        optimizer.step()
+        loss = optimizer_step(optimizer, loss_and_grad, batch, trainable, grad_clip, graphed_step)
         running += loss.float()
         n_running += 1
 
