@@ -56,5 +56,5 @@ def images_dir() -> Path:
 def display_path(path: Path) -> str:
     """``path`` relative to the project folder when it lies inside it (as printed in the
     notebooks' outputs, which should not show where one person's copy lives), else in full."""
-    path = Path(path).resolve()
-    return str(path.relative_to(project_dir())) if path.is_relative_to(project_dir()) else str(path)
+    path, root = Path(path).resolve(), project_dir()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
