@@ -410,22 +410,23 @@ def message_loaders(
     seed: int = 123,
     pad_multiple: int | None = None,
 ) -> dict[str, DataLoader]:
-    """Loaders for the train (shuffled, seeded), validation and test messages, each batch
-    padded to its longest message rounded up to ``pad_multiple`` (default: 16 where a CUDA GPU
-    is present, so that few batch shapes occur and training steps replay as CUDA graphs; else 1).
+    """Loaders for the train, validation and test messages, each batch padded to its longest
+    message rounded up to ``pad_multiple`` (default: 16 where a CUDA GPU is present, so that
+    few batch shapes occur and training steps replay as CUDA graphs; else 1).
+
+    Training batches hold messages of similar length in a seeded random order
+    (``LengthBucketSampler``): every message once per epoch, far less padding to compute.
     """
     if pad_multiple is None:
         pad_multiple = 16 if torch.cuda.is_available() else 1
     collate = partial(pad_collate, multiple=pad_multiple, max_length=max_length)
     loaders = {}
     for name in ("train", "validation", "test"):
-        is_train = name == "train"
-        loaders[name] = DataLoader(
-            MessageDataset(split[name], tokenizer, max_length),
-            batch_size=batch_size,
-            shuffle=is_train,
-            drop_last=is_train,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(seed) if is_train else None,
-        )
+        dataset = MessageDataset(split[name], tokenizer, max_length)
+        if name == "train":
+            lengths = [len(ids) for ids in dataset.ids]
+            sampler = LengthBucketSampler(lengths, batch_size, seed=seed)
+            loaders[name] = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        else:
+            loaders[name] = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     return loaders

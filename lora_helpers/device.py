@@ -21,16 +21,28 @@ def get_device(verbose: bool = True) -> torch.device:
     else:
         device = torch.device("cpu")
         threads = torch.get_num_threads()
-        report = f"Using CPU ({threads} threads), torch {torch.__version__}: no GPU found"
+        bf16 = ", bf16 in hardware" if has_native_bf16(device) else ""
+        report = f"Using CPU ({threads} threads{bf16}), torch {torch.__version__}: no GPU found"
     if verbose:
         print(report)
     return device
 
 
 def has_native_bf16(device: torch.device) -> bool:
-    """True on CUDA GPUs with bf16 arithmetic in hardware (compute capability 8.0 or newer:
-    A100, H100, RTX 30xx...). Older ones, such as Colab's free T4, only emulate it, slowly."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    """True where bf16 matrix products run in hardware: CUDA GPUs of compute capability 8.0 or
+    newer (A100, H100, RTX 30xx...) and CPUs with AVX512-BF16 or AMX (recent Xeon and EPYC).
+    Elsewhere (Colab's free T4, most laptops) bf16 is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX instructions (PyTorch's own CPU feature checks)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 21) -> float:

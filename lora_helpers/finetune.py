@@ -166,8 +166,7 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr, recipe.weight_decay, device)
     steps_per_epoch = len(loaders["train"])
-    if loaders["train"].generator is not None:  # every run sees the same batches in order
-        loaders["train"].generator.manual_seed(recipe.seed)
+    loaders["train"].batch_sampler.generator.manual_seed(recipe.seed)  # same batches, same order
 
     def accuracies(m: nn.Module) -> dict[str, float]:
         return {

@@ -38,10 +38,11 @@ def lm_loss(
 
 
 def autocast_for(device: torch.device, cache_enabled: bool = True):
-    """bf16 autocast on GPUs with native bf16 (faster, half the activation memory), else a
-    no-op. (CUDA graph capture needs ``cache_enabled=False``.)"""
+    """bf16 autocast where bf16 runs in hardware (GPUs and CPUs, see ``has_native_bf16``):
+    faster, half the activation memory; else a no-op. (CUDA graph capture needs
+    ``cache_enabled=False``.)"""
     if has_native_bf16(device):
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return nullcontext()
 
 

@@ -31,8 +31,20 @@ CAPABILITIES = [((7, 5), False), ((8, 0), True), ((9, 0), True)]  # T4, A100, H1
 @pytest.mark.parametrize(("capability", "native"), CAPABILITIES)
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # a CPU-only machine pretends here
 def test_bf16_autocast_only_with_bf16_in_hardware(monkeypatch, capability, native):
-    assert not has_native_bf16(torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
     assert has_native_bf16(cuda) is native
     assert isinstance(autocast_for(cuda), torch.autocast) is native
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_autocast_follows_the_cpu_features(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert has_native_bf16(cpu) is native
+    context = autocast_for(cpu)
+    assert isinstance(context, torch.autocast) is native
+    if native:
+        with context:
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16

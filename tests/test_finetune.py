@@ -35,6 +35,11 @@ def test_loaders_sizes_and_seeded_order():
     first = next(iter(loaders["train"]))[0]
     again = next(iter(message_loaders(split, tokenizer, 8, 256, pad_multiple=1)["train"]))[0]
     assert torch.equal(first, again)
+    epoch = list(loaders["train"])
+    assert sum(len(lengths) for _, lengths, _ in epoch) == 1045 // 8 * 8
+    padded = sum(ids.numel() for ids, _, _ in epoch)
+    real = sum(lengths.sum().item() for _, lengths, _ in epoch)
+    assert padded < 1.2 * real  # batches of similar lengths: little padding
     batch_ids, lengths, _ = next(iter(loaders["test"]))
     assert batch_ids.shape[1] == lengths.max().item()  # padded to this batch's longest
 

@@ -78,5 +78,23 @@ def test_run_all_keeps_the_executed_copy_of_a_failing_notebook(tmp_path):
 
     assert seconds > 0 and "ZeroDivisionError" in error
     executed = nbformat.read(out, as_version=4)
+    assert executed.metadata[run_all.STAMP]["mode"] == "full, failed"
+    assert executed.metadata[run_all.STAMP]["seconds"] == round(seconds, 1)
     assert executed.cells[0].outputs[0]["text"] == "first cell ran\n"
     assert executed.cells[1].outputs[0]["ename"] == "ZeroDivisionError"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=ids(NOTEBOOKS + SOLUTIONS))
+def test_committed_outputs_come_from_a_full_mode_run(path):
+    """Every committed notebook was executed by tools/run_all.py in full mode, without error."""
+    info = nbformat.read(path, as_version=4).metadata.get(run_all.STAMP)
+    assert info is not None, f"{path.name} has no run_all stamp: run tools/run_all.py on it"
+    assert info["mode"] == "full", f"{path.name} was executed in {info['mode']} mode"
+    assert {"device", "torch", "seconds", "date"} <= info.keys()
+
+
+def test_readme_timing_table_is_made_from_the_stamps():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(run_all.TABLE_START) + len(run_all.TABLE_START)
+    table = readme[start : readme.index(run_all.TABLE_END)]
+    assert table.strip() == run_all.timing_table(), "run: python tools/run_all.py --table"

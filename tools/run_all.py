@@ -1,29 +1,74 @@
 """Execute every notebook in order and save the executed copies (how the committed outputs are
-refreshed), reporting the time each took.
+refreshed), stamping each with how it ran and reporting the time each took.
 
-    python tools/run_all.py                  # full mode (use a GPU for 04, 05, 06, 08, 09)
+    python tools/run_all.py                  # full mode: what the committed outputs come from
     LORA_QUICK=1 python tools/run_all.py     # quick mode, minutes on any CPU
     python tools/run_all.py --only 04 06 --out /tmp/executed   # some notebooks, elsewhere
+    python tools/run_all.py --table          # only rewrite the README's timing table
+
+Each executed notebook's metadata gets a ``lora_from_scratch`` stamp (mode, device, torch
+version, seconds, date). The README's timing table is generated from the committed notebooks'
+stamps (``--table``); a test fails if it is stale or if a committed notebook was run in quick
+mode.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
+import re
 import sys
 import time
 from pathlib import Path
 
 import nbformat
+import torch
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 ROOT = Path(__file__).resolve().parents[1]
+STAMP = "lora_from_scratch"
+TABLE_START, TABLE_END = "<!-- timings:start -->", "<!-- timings:end -->"
 
 
-def run_notebook(path: Path, out: Path, timeout: int) -> tuple[float, str | None]:
-    """Execute ``path`` in its own folder and write the executed copy to ``out`` (also when a
-    cell fails, to show where); returns the seconds taken and the error, if any."""
+def notebook_paths(solutions: bool = True) -> list[Path]:
+    """The notebooks in order, then (with ``solutions``) their worked solutions."""
+    paths = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if solutions:
+        paths += sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
+    return paths
+
+
+def device_name() -> str:
+    """What the notebooks run on here: the CUDA GPU's name, else the CPU's model and cores."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
+        model = found.group(1).strip() if found else model
+    return f"{os.cpu_count()}-core CPU ({model})"
+
+
+def stamp(nb: nbformat.NotebookNode, mode: str, seconds: float) -> None:
+    """Record in the notebook's metadata how and where it was executed."""
+    nb.metadata[STAMP] = {
+        "mode": mode,
+        "device": device_name(),
+        "torch": torch.__version__,
+        "seconds": round(seconds, 1),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def run_notebook(
+    path: Path, out: Path, timeout: int, mode: str = "full"
+) -> tuple[float, str | None]:
+    """Execute ``path`` in its own folder and write the executed, stamped copy to ``out`` (also
+    when a cell fails, to show where); returns the seconds taken and the error, if any."""
     nb = nbformat.read(path, as_version=4)
     start = time.perf_counter()
     client = NotebookClient(
@@ -38,9 +83,54 @@ def run_notebook(path: Path, out: Path, timeout: int) -> tuple[float, str | None
     except CellExecutionError as err:
         error = str(err).strip().splitlines()[-1]
     seconds = time.perf_counter() - start
+    stamp(nb, mode if error is None else f"{mode}, failed", seconds)
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
     return seconds, error
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def timing_table(paths: list[Path] | None = None) -> str:
+    """The README's timing table, made from the stamps of the committed notebooks."""
+    rows, totals, devices = [], [0.0, 0.0], set()
+    for path in notebook_paths(solutions=False) if paths is None else paths:
+        solution = ROOT / "notebooks" / "solutions" / f"{path.stem}_solutions.ipynb"
+        cells = []
+        for i, p in enumerate((path, solution)):
+            info = nbformat.read(p, as_version=4).metadata.get(STAMP)
+            if info is None:
+                cells.append("not run yet")
+                continue
+            totals[i] += info["seconds"]
+            devices.add(f"{info['device']}, torch {info['torch']}")
+            mode = "" if info["mode"] == "full" else f" ({info['mode']} mode)"
+            cells.append(f"{_duration(info['seconds'])}{mode}, {info['date']}")
+        rows.append(f"| {path.stem} | {cells[0]} | {cells[1]} |")
+    return "\n".join(
+        [
+            f"Measured on: {'; '.join(sorted(devices))}.",
+            "",
+            "| notebook | notebook, full mode | its worked solutions, full mode |",
+            "|---|---:|---:|",
+            *rows,
+            f"| **all** | **{_duration(totals[0])}** | **{_duration(totals[1])}** |",
+            "",
+            f"Everything together: **{_duration(sum(totals))}**.",
+        ]
+    )
+
+
+def update_readme(readme: Path = ROOT / "README.md") -> bool:
+    """Rewrite the table between the timing markers; True if the README changed."""
+    text = readme.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    new = f"{text[:start]}\n{timing_table()}\n{text[end:]}"
+    if new != text:
+        readme.write_text(new)
+    return new != text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,31 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--solutions", action="store_true", help="also run notebooks/solutions")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("--table", action="store_true", help="only rewrite the README table")
     args = parser.parse_args(argv)
+    if args.table:
+        print("README timing table", "updated" if update_readme() else "already current")
+        return 0
 
-    paths = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if args.solutions:
-        paths += sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
+    paths = notebook_paths(args.solutions)
     if args.only:
         paths = [p for p in paths if p.name[:2] in args.only]
     mode = "quick" if os.environ.get("LORA_QUICK") == "1" else "full"
-    print(f"Running {len(paths)} notebooks in {mode} mode")
+    print(f"Running {len(paths)} notebooks in {mode} mode on {device_name()}")
     times, failed = {}, {}
     for path in paths:
         out = args.out / path.name if args.out else path
         print(f"  {path.relative_to(ROOT)} ...", end=" ", flush=True)
-        times[path.name], error = run_notebook(path, out, args.timeout)
+        times[path.name], error = run_notebook(path, out, args.timeout, mode)
         print(f"{times[path.name]:7.1f} s" + (f"  FAILED: {error}" if error else ""))
         if error:
             failed[path.name] = error
     print(f"\n| notebook | {mode}-mode time |\n|---|---|")
     for name, seconds in times.items():
-        print(
-            f"| {name} | {seconds / 60:.1f} min |"
-            if seconds >= 60
-            else f"| {name} | {seconds:.0f} s |"
-        )
-    print(f"| **all** | {sum(times.values()) / 60:.1f} min |")
+        print(f"| {name} | {_duration(seconds)} |")
+    print(f"| **all** | {_duration(sum(times.values()))} |")
+    if mode == "full" and args.out is None:
+        print("README timing table", "updated" if update_readme() else "already current")
     if failed:
         print(f"\n{len(failed)} failed (their executed copies show where): {', '.join(failed)}")
     return 1 if failed else 0
