@@ -88,8 +88,8 @@ def save_peft_adapter(
     config["base_model_name_or_path"] = base_model_name_or_path
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
-              str(directory / PEFT_WEIGHTS_FILE))  # fmt: skip
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(directory / PEFT_WEIGHTS_FILE))
     (directory / ad.CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return directory
 
@@ -168,13 +168,15 @@ def _exported_head(
         )
     if not owned:
         return None
-    head = wrapper.versions[name] if isinstance(wrapper, ad.PerAdapterModule) else wrapper
+    head = wrapper
+    if isinstance(wrapper, ad.PerAdapterModule):
+        head = wrapper.versions[name] if name in wrapper.versions else wrapper.original
     if head.bias is not None and head.bias.abs().max() > 0 and not drop_bias:
         raise PeftFormatError(
             "The out_head has a non-zero bias, but GPT2ForSequenceClassification's score has "
             "none, so no exported adapter computes the same logits. Train the head with "
-            "bias=False, or pass drop_head_bias=True to export without it (the decision "
-            f"threshold then moves by the bias {head.bias.tolist()})."
+            "bias=False, or pass drop_head_bias=True to export without it (the exported "
+            f"logits then lack the bias {head.bias.tolist()})."
         )
     return head.weight
 
