@@ -417,11 +417,11 @@ def to_transformers(model: GPTModel, num_labels: int | None = None, pad_token_id
         embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5,
         activation_function="gelu_new", tie_word_embeddings=cfg.tie_weights,
         pad_token_id=pad_token_id, bos_token_id=PAD_ID, eos_token_id=PAD_ID,
-        num_labels=num_labels or 2,
     )  # fmt: skip
     if num_labels is None:
         hf_model = transformers.GPT2LMHeadModel(config)
     else:
+        config.num_labels = num_labels
         hf_model = transformers.GPT2ForSequenceClassification(config)
     missing, unexpected = hf_model.load_state_dict(gpt2_state_dict(model), strict=False)
     left = set(missing) - {"lm_head.weight", "score.weight"}

@@ -182,6 +182,20 @@ def test_peft_classifier_imports_with_the_same_logits(checkpoint, tmp_path):
         close(model(IDX), ours(checkpoint)(IDX))  # the vocabulary head is still there
 
 
+def test_qkv_with_different_ranks_but_one_scaling_map_exactly(checkpoint, tmp_path):
+    model = ours(checkpoint)
+    ad.add_adapter(model, "x", rank=2, alpha=5, targets=["W_query", "W_key"])
+    key = model.trf_blocks[1].att.W_key
+    del key.adapters["x"]
+    key.add_adapter("x", 4, 10)  # scaling 10/4 = 5/2, as the query's
+    randomise(our_lora_params(model))
+    ad.save_adapter(model, tmp_path, format="peft")
+    hf = peft.PeftModel.from_pretrained(hf_lm(checkpoint), tmp_path).eval()
+    assert hf.base_model.model.transformer.h[1].attn.c_attn.r["default"] == 6
+    with torch.no_grad():
+        close(hf(IDX).logits, model(IDX))
+
+
 def test_what_has_no_exact_mapping_is_refused(checkpoint, tmp_path):
     model = ours(checkpoint)
     model.out_head = nn.Linear(64, 2)
