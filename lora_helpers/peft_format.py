@@ -285,12 +285,11 @@ def _read_peft_tensors(
             head = tensor
         else:
             unknown.append(key)
-    incomplete = sorted(m for m, p in pairs.items() if len(p) != 2)
-    if unknown or incomplete:
+    unknown += sorted(f"{m} (lora_A or lora_B missing)" for m, p in pairs.items() if len(p) != 2)
+    if unknown:
         raise PeftFormatError(
-            f"{path} holds tensors with no place in our GPT: {unknown or ''} "
-            f"{'modules without both lora_A and lora_B: ' + str(incomplete) if incomplete else ''}"
-            "; only LoRA on c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj and a score head map."
+            f"{path} holds tensors with no place in our GPT: {unknown}. Only LoRA on c_attn, "
+            "attn.c_proj, mlp.c_fc and mlp.c_proj, and a score head, map onto our layers."
         )
     return {m: (p["A"], p["B"]) for m, p in pairs.items()}, head
 
