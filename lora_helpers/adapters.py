@@ -242,10 +242,18 @@ def save_adapter(
     directory: str | Path,
     name: str | None = None,
     modules_to_save: Iterable[str] = (),
+    format: str = "lora_helpers",
 ) -> Path:
     """Write adapter ``name`` (default: the active one) to ``directory``: its LoRA tensors and
     the modules it owns (plus any plain ``modules_to_save``, e.g. a new head) in
-    ``adapter.safetensors``, and ``adapter_config.json`` describing it and its base."""
+    ``adapter.safetensors``, and ``adapter_config.json`` describing it and its base.
+    ``format="peft"``: Hugging Face PEFT's files for transformers' GPT-2 (see peft_format)."""
+    if format == "peft":
+        from .peft_format import save_peft_adapter
+
+        return save_peft_adapter(model, directory, name, tuple(modules_to_save))
+    if format != "lora_helpers":
+        raise ValueError(f"Unknown adapter format {format!r}; choose 'lora_helpers' or 'peft'.")
     name = name or active_adapter(model)
     if name not in adapter_names(model):
         raise KeyError(f"No adapter named {name!r}; the model has {adapter_names(model)}")
@@ -316,7 +324,12 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
 
     Raises AdapterMismatchError, saying what differs, if the model is not the adapter's base
     (architecture, weights or target layers), or if a tensor is missing or unexpected.
+    A Hugging Face PEFT adapter for GPT-2 is read by ``peft_format.load_peft_adapter``.
     """
+    from .peft_format import is_peft_adapter, load_peft_adapter
+
+    if is_peft_adapter(directory):
+        return load_peft_adapter(model, directory, name)
     config = read_adapter_config(directory)
     _check_base(model, config)
     device = next(model.parameters()).device

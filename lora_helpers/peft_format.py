@@ -1,0 +1,429 @@
+"""Adapters in Hugging Face PEFT's LoRA format, for transformers' GPT-2 (notebook 08).
+
+Our GPT is GPT-2 under other names (see gpt2.py), so one of our LoRA adapters is a PEFT LoRA
+adapter there: ``trf_blocks.i.att.W_query/W_key/W_value`` is the fused ``h.i.attn.c_attn``,
+``out_proj`` is ``attn.c_proj``, ``fc1`` is ``mlp.c_fc``, ``fc2`` is ``mlp.c_proj``, and a
+classification ``out_head`` is ``GPT2ForSequenceClassification``'s ``score`` (saved in full, as
+PEFT's ``modules_to_save``).
+
+The fused layer computes ``[q | k | v]``; with the A factors side by side and the B factors on
+a block diagonal, ``x [A_q A_k A_v] diag(B_q, B_k, B_v) = [x A_q B_q | x A_k B_k | x A_v B_v]``:
+the same updates, at rank r_q + r_k + r_v, with alpha chosen so that the scaling is unchanged.
+PEFT stores ``lora_A.weight`` as (rank, in) and ``lora_B.weight`` as (out, rank), for GPT-2's
+Conv1D layers too, which are the transposes of our A (in, rank) and B (rank, out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import adapters as ad
+from .data import PAD_ID
+from .gpt2 import CONV1D_WEIGHTS, gpt2_name_map
+from .lora import LinearWithLoRA, LoRALayer, lora_layers, lora_scaling
+from .model import GPTModel
+
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # what PEFT puts before the transformers model's module names
+# GPT-2 module inside block i -> our layers inside trf_blocks.i (c_attn: its q, k, v parts)
+LAYER_MAP = {
+    "attn.c_attn": ("att.W_query", "att.W_key", "att.W_value"),
+    "attn.c_proj": ("att.out_proj",),
+    "mlp.c_fc": ("ff.fc1",),
+    "mlp.c_proj": ("ff.fc2",),
+}
+OUR_TO_GPT2 = {ours: (gpt2, i) for gpt2, parts in LAYER_MAP.items() for i, ours in enumerate(parts)}
+
+
+class PeftFormatError(ValueError):
+    """An adapter with no exact equivalent in the other format."""
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def save_peft_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    modules_to_save: tuple[str, ...] | list[str] = (),
+    drop_head_bias: bool = False,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write adapter ``name`` (default: the active one) as PEFT's ``adapter_config.json`` and
+    ``adapter_model.safetensors``, for transformers' GPT-2 (``GPT2ForSequenceClassification``
+    when the adapter owns an ``out_head``, else ``GPT2LMHeadModel``).
+
+    Raises PeftFormatError, naming the layer, where no exact mapping exists. ``score`` has no
+    bias, so a head with a non-zero bias is refused unless ``drop_head_bias`` (not exact then).
+    """
+    name = name or ad.active_adapter(model)
+    if name not in ad.adapter_names(model):
+        raise KeyError(f"No adapter named {name!r}; the model has {ad.adapter_names(model)}")
+    if any(m.merged for m in lora_layers(model).values()):
+        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
+    layers = {n: m.adapters[name] for n, m in lora_layers(model).items() if name in m.adapters}
+    rule = _one_scaling_rule(layers)
+    tensors, ranks, alphas = {}, {}, {}
+    for module, parts in _gpt2_modules(layers).items():
+        lora_a, lora_b, scaling = _fused_factors(module, parts)
+        tensors[f"{PREFIX}transformer.{module}.lora_A.weight"] = lora_a
+        tensors[f"{PREFIX}transformer.{module}.lora_B.weight"] = lora_b
+        ranks[module] = lora_a.shape[0]
+        root = ranks[module] if rule == "standard" else math.sqrt(ranks[module])
+        alphas[module] = scaling * root  # so that PEFT's alpha/rank (or /√rank) is our scaling
+    head = _exported_head(model, name, modules_to_save, drop_head_bias)
+    if head is not None:
+        tensors[f"{PREFIX}score.weight"] = head
+    dropouts = [lora.dropout.p for lora in layers.values() if isinstance(lora.dropout, nn.Dropout)]
+    config = _peft_config(ranks, alphas, rule, head is not None, max(dropouts, default=0.0))
+    config["base_model_name_or_path"] = base_model_name_or_path
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(directory / PEFT_WEIGHTS_FILE))
+    (directory / ad.CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def _one_scaling_rule(layers: dict[str, LoRALayer]) -> str:
+    rules = sorted({lora.scaling_rule for lora in layers.values()})
+    if len(rules) > 1:
+        raise PeftFormatError(
+            f"The adapter mixes scaling rules {rules}; PEFT has one switch (use_rslora) for all "
+            "layers. Export adapters that use one rule."
+        )
+    return rules[0]
+
+
+def _gpt2_modules(layers: dict[str, LoRALayer]) -> dict[str, list[LoRALayer | None]]:
+    """Our adapted layers grouped by the GPT-2 module they belong to (c_attn: [q, k, v])."""
+    modules: dict[str, list[LoRALayer | None]] = {}
+    for layer_name, lora in layers.items():
+        match = re.fullmatch(r"trf_blocks\.(\d+)\.(.+)", layer_name)
+        if match is None or match[2] not in OUR_TO_GPT2:
+            raise PeftFormatError(
+                f"LoRA on {layer_name!r} has no PEFT equivalent: GPT-2's head is tied to the "
+                "token embedding, and only the blocks' linear layers map onto GPT-2 modules. "
+                "Train a classification head in full instead (modules_to_save)."
+            )
+        gpt2_name, part = OUR_TO_GPT2[match[2]]
+        parts = modules.setdefault(f"h.{match[1]}.{gpt2_name}", [None] * len(LAYER_MAP[gpt2_name]))
+        parts[part] = lora
+    return modules
+
+
+def _factors(lora: LoRALayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (in, r) and B (r, out) with ``x A B`` the unscaled update; OLoRA's ``- x A0 B0`` joins
+    as rank r more: [A | A0] and [B; -B0]."""
+    if lora.A0 is None:
+        return lora.A.detach(), lora.B.detach()
+    return torch.cat([lora.A, lora.A0], 1).detach(), torch.cat([lora.B, -lora.B0]).detach()
+
+
+def _fused_factors(
+    module: str, parts: list[LoRALayer | None]
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """PEFT's lora_A.weight (R, in), lora_B.weight (out, R) and the scaling for one GPT-2 module
+    made of ``parts`` (None: a part without LoRA, which gets zero update)."""
+    present = [lora for lora in parts if lora is not None]
+    if any(not math.isclose(lora.scaling, present[0].scaling) for lora in present):
+        scalings = [lora.scaling for lora in present]
+        raise PeftFormatError(
+            f"{module}: the query, key and value adapters have different scalings {scalings}, "
+            "but the fused c_attn has one. Use the same alpha/rank for the three."
+        )
+    out_dim = present[0].B.shape[1]
+    factors = [_factors(lora) if lora is not None else None for lora in parts]
+    a = torch.cat([f[0] for f in factors if f is not None], dim=1)
+    b = torch.zeros(a.shape[1], out_dim * len(parts), dtype=a.dtype, device=a.device)
+    row = 0
+    for i, f in enumerate(factors):
+        if f is not None:
+            b[row : row + f[1].shape[0], i * out_dim : (i + 1) * out_dim] = f[1]
+            row += f[1].shape[0]
+    return a.T, b.T, present[0].scaling
+
+
+def _exported_head(
+    model: nn.Module, name: str, modules_to_save: tuple[str, ...] | list[str], drop_bias: bool
+) -> torch.Tensor | None:
+    """The weight of the classification head the adapter owns (as ``score``), or None."""
+    wrapper = dict(model.named_modules()).get("out_head")
+    owned = {
+        n for n, m in model.named_modules()
+        if isinstance(m, ad.PerAdapterModule) and name in m.versions
+    } | set(modules_to_save)  # fmt: skip
+    if owned - {"out_head"}:
+        raise PeftFormatError(
+            f"Only a classification out_head maps onto GPT-2 (as score); {sorted(owned)} given."
+        )
+    if not owned:
+        return None
+    head = wrapper
+    if isinstance(wrapper, ad.PerAdapterModule):
+        head = wrapper.versions[name] if name in wrapper.versions else wrapper.original
+    if head.bias is not None and head.bias.abs().max() > 0 and not drop_bias:
+        raise PeftFormatError(
+            "The out_head has a non-zero bias, but GPT2ForSequenceClassification's score has "
+            "none, so no exported adapter computes the same logits. Train the head with "
+            "bias=False, or pass drop_head_bias=True to export without it (the exported "
+            f"logits then lack the bias {head.bias.tolist()})."
+        )
+    return head.weight
+
+
+def _peft_config(
+    ranks: dict[str, int], alphas: dict[str, float], rule: str, classifier: bool, dropout: float
+) -> dict:
+    """PEFT's LoraConfig as JSON: the commonest (rank, alpha) as r and lora_alpha, the others as
+    rank_pattern/alpha_pattern (one regex per GPT-2 module kind where all of a kind agree)."""
+    pairs = {m: (ranks[m], alphas[m]) for m in ranks}
+    (rank, alpha), _ = Counter(pairs.values()).most_common(1)[0]
+    rank_pattern, alpha_pattern = {}, {}
+    for module, pair in pairs.items():
+        if pair == (rank, alpha):
+            continue
+        kind = module.split(".", 2)[2]
+        same_kind = {p for m, p in pairs.items() if m.endswith(f".{kind}")}
+        key = rf"h\.\d+\.{re.escape(kind)}" if len(same_kind) == 1 else re.escape(module)
+        rank_pattern[key], alpha_pattern[key] = pair
+    return {
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if classifier else "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": rule == "rslora",
+        "target_modules": sorted(ranks, key=_module_order),
+        "modules_to_save": ["score"] if classifier else None,
+        "lora_dropout": dropout,
+        "fan_in_fan_out": True,  # GPT-2's Conv1D stores weights as (in, out)
+        "bias": "none",
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def _module_order(module: str) -> tuple[int, int]:
+    block, kind = module.split(".", 2)[1:]
+    return int(block), list(LAYER_MAP).index(kind)
+
+
+# --- import ----------------------------------------------------------------------------------
+
+
+def is_peft_adapter(directory: str | Path) -> bool:
+    """True if ``directory`` holds a PEFT adapter (its config names a ``peft_type``)."""
+    path = Path(directory) / ad.CONFIG_FILE
+    return path.exists() and "peft_type" in json.loads(path.read_text())
+
+
+def load_peft_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
+    """Add the PEFT LoRA adapter for GPT-2 in ``directory`` to our ``model`` as ``name`` and make
+    it active. A PEFT file records no fingerprint, so the base cannot be checked: load it onto
+    the GPT-2 weights it was trained on. Raises PeftFormatError for what does not map exactly."""
+    directory = Path(directory)
+    config = json.loads((directory / ad.CONFIG_FILE).read_text())
+    _check_peft_config(config)
+    if name in ad.adapter_names(model):
+        raise ValueError(f"The model already has an adapter named {name!r}.")
+    lora_pairs, head = _read_peft_tensors(directory / PEFT_WEIGHTS_FILE)
+    if not lora_pairs:
+        raise PeftFormatError(f"{directory} holds no LoRA tensors (lora_A/lora_B).")
+    rule = "rslora" if config.get("use_rslora") else "standard"
+    updates = {}  # our layer -> (A, B, rank, alpha)
+    for module, (lora_a, lora_b) in lora_pairs.items():
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        scaling = lora_scaling(alpha, lora_a.shape[0], rule)
+        updates |= _split_module(model, module, lora_a, lora_b, scaling, rule)
+    _attach(model, name, updates, rule, config.get("lora_dropout", 0.0), head)
+    return model
+
+
+def _check_peft_config(config: dict) -> None:
+    unsupported = {
+        "peft_type": ("LORA",),
+        "use_dora": (False, None),
+        "bias": ("none", None),
+        "lora_bias": (False, None),
+        "layers_to_transform": (None,),
+        "layer_replication": (None,),
+        "trainable_token_indices": (None,),
+        "target_parameters": (None, []),
+    }
+    wrong = {k: config.get(k) for k, ok in unsupported.items() if config.get(k) not in ok}
+    if wrong:
+        raise PeftFormatError(
+            f"This PEFT adapter uses {wrong}, which has no equivalent in our LoRA layers; only "
+            "plain LoRA (peft_type LORA, no DoRA, no bias training) can be imported."
+        )
+
+
+def _read_peft_tensors(
+    path: Path,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """LoRA (A, B) by module name (as in the transformers model) and the score weight, if any."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    head, unknown = None, []
+    for key, tensor in load_file(str(path)).items():
+        short = key.removeprefix(PREFIX)
+        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", short)
+        if match:
+            pairs.setdefault(match[1], {})[match[2]] = tensor
+        elif short == "score.weight":
+            head = tensor
+        else:
+            unknown.append(key)
+    unknown += sorted(f"{m} (lora_A or lora_B missing)" for m, p in pairs.items() if len(p) != 2)
+    if unknown:
+        raise PeftFormatError(
+            f"{path} holds tensors with no place in our GPT: {unknown}. Only LoRA on c_attn, "
+            "attn.c_proj, mlp.c_fc and mlp.c_proj, and a score head, map onto our layers."
+        )
+    return {m: (p["A"], p["B"]) for m, p in pairs.items()}, head
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's rule: the first pattern that matches the end of the module name, else default."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _split_module(
+    model: nn.Module,
+    module: str,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    rule: str,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, float]]:
+    """Our layers' (A, B, rank, alpha) for one PEFT module. For c_attn: if the parts use
+    disjoint ranks (a block-diagonal B, as we export), each part keeps only its own ones."""
+    match = re.fullmatch(r"(?:transformer\.)?h\.(\d+)\.(.+)", module)
+    if match is None or match[2] not in LAYER_MAP:
+        raise PeftFormatError(
+            f"LoRA on {module!r} has no equivalent in our GPT; only c_attn, attn.c_proj, "
+            "mlp.c_fc and mlp.c_proj inside the blocks map onto our layers."
+        )
+    parts = LAYER_MAP[match[2]]
+    if int(match[1]) >= model.cfg.n_layers:
+        raise PeftFormatError(f"{module}: our model has only {model.cfg.n_layers} blocks.")
+    b_parts = lora_b.chunk(len(parts))
+    used = [set(torch.nonzero(b.abs().sum(0)).flatten().tolist()) for b in b_parts]
+    disjoint = sum(map(len, used)) == len(set().union(*used)) > 0
+    updates = {}
+    for part, b, ranks in zip(parts, b_parts, used, strict=True):
+        keep = sorted(ranks) if disjoint else list(range(lora_a.shape[0]))
+        if keep:
+            root = len(keep) if rule == "standard" else math.sqrt(len(keep))
+            updates[f"trf_blocks.{match[1]}.{part}"] = (
+                lora_a[keep].T, b[:, keep].T, len(keep), scaling * root
+            )  # fmt: skip
+    return updates
+
+
+def _attach(
+    model: nn.Module,
+    name: str,
+    updates: dict[str, tuple[torch.Tensor, torch.Tensor, int, float]],
+    rule: str,
+    dropout: float,
+    head: torch.Tensor | None,
+) -> None:
+    """Add adapter ``name`` with the given per-layer factors (and head), all or nothing."""
+    try:
+        for layer_name, (a, b, rank, alpha) in updates.items():
+            layer = model.get_submodule(layer_name)
+            if isinstance(layer, LinearWithLoRA):
+                lora = layer.add_adapter(name, rank, alpha, rule, dropout)
+            else:
+                wrapped = LinearWithLoRA(layer, rank, alpha, rule, dropout, name=name)
+                ad._replace(model, layer_name, wrapped)
+                lora = wrapped.lora
+            _copy(lora.A, a, f"{layer_name} A")
+            _copy(lora.B, b, f"{layer_name} B")
+        if head is not None:
+            device = next(model.parameters()).device
+            score = nn.Linear(head.shape[1], head.shape[0], bias=False, device=device)
+            _copy(score.weight, head, "score.weight (our out_head)")
+            wrapper = model.get_submodule("out_head")
+            if not isinstance(wrapper, ad.PerAdapterModule):
+                wrapper = ad.PerAdapterModule(wrapper)
+                ad._replace(model, "out_head", wrapper)
+            wrapper.versions[name] = score
+    except Exception:
+        if name in ad.adapter_names(model):
+            ad.delete_adapter(model, name)
+        raise
+    ad.set_adapter(model, name)
+
+
+def _copy(target: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    if target.shape != value.shape:
+        raise PeftFormatError(
+            f"{what}: the adapter has shape {tuple(value.shape)}, our model expects "
+            f"{tuple(target.shape)}. Is it an adapter for another GPT-2 size?"
+        )
+    with torch.no_grad():
+        target.copy_(value)
+
+
+# --- the base model in transformers ----------------------------------------------------------
+
+
+def gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """Our plain GPT's weights under transformers' GPT-2 names (``transformer.`` prefix, Conv1D
+    (in, out) layout, q/k/v fused, zero q/k/v biases where ours have none): the inverse of
+    ``gpt2.load_gpt2_weights``. A vocabulary head is included only if untied."""
+    if lora_layers(model) or any(isinstance(m, ad.PerAdapterModule) for m in model.modules()):
+        raise ValueError("Convert the plain base model: this one carries adapters (ad.unload).")
+    params = dict(model.named_parameters())
+    state = {}
+    for key, targets in gpt2_name_map(model.cfg.n_layers).items():
+        if key.endswith("attn.c_attn.bias") and not model.cfg.qkv_bias:
+            tensor = torch.zeros(3 * model.cfg.emb_dim)
+        else:
+            tensor = torch.cat([params[t].detach() for t in targets])
+        state[f"transformer.{key}"] = tensor.T if key.endswith(CONV1D_WEIGHTS) else tensor
+    if not model.cfg.tie_weights and model.out_head.out_features == model.cfg.vocab_size:
+        state["lm_head.weight"] = model.out_head.weight.detach()
+    return {k: v.cpu().contiguous() for k, v in state.items()}
+
+
+def to_transformers(model: GPTModel, num_labels: int | None = None, pad_token_id: int = PAD_ID):
+    """transformers' GPT2LMHeadModel (or, with ``num_labels``, GPT2ForSequenceClassification,
+    whose new ``score`` is random until an adapter brings one) holding our base's weights, in
+    eval mode on the CPU: the base that our exported PEFT adapters load onto."""
+    import transformers  # optional: pip install transformers
+
+    cfg = model.cfg
+    config = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
+        embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5,
+        activation_function="gelu_new", tie_word_embeddings=cfg.tie_weights,
+        pad_token_id=pad_token_id, bos_token_id=PAD_ID, eos_token_id=PAD_ID,
+    )  # fmt: skip
+    if num_labels is None:
+        hf_model = transformers.GPT2LMHeadModel(config)
+    else:
+        config.num_labels = num_labels
+        hf_model = transformers.GPT2ForSequenceClassification(config)
+    missing, unexpected = hf_model.load_state_dict(gpt2_state_dict(model), strict=False)
+    left = set(missing) - {"lm_head.weight", "score.weight"}
+    if unexpected or left:
+        raise ValueError(f"Weights do not fit: unexpected {unexpected}, missing {sorted(left)}.")
+    return hf_model.eval()
