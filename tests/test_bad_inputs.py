@@ -1,14 +1,19 @@
 """Every row of README's table "Bad inputs and what you see" is a test here: a wrong input is
 refused with a message that names what is wrong and what to do, and changes nothing."""
 
+import json
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_helpers.lora import LinearWithLoRA, apply_lora, replace_linear_with_lora
+from lora_helpers import adapters as ad
+from lora_helpers.data import sha256_of
+from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, replace_linear_with_lora
 from lora_helpers.model import GPTModel, gpt_config
 
 # --- ranks -----------------------------------------------------------------------------------
@@ -51,3 +56,148 @@ def test_our_recommended_targets_need_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         apply_lora(model, rank=16, alpha=16, targets="blocks", also_train=["out_head"])
+
+
+# --- adapter files: all or nothing -----------------------------------------------------------
+
+
+def tiny_base() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(gpt_config("scratch-tiny", vocab_size=100)).eval()
+
+
+@pytest.fixture
+def saved_spam(tmp_path):
+    """A 'spam' adapter (LoRA on the blocks + a 2-class head) saved from the tiny base."""
+    model = tiny_base()
+    ad.add_adapter(model, "spam", rank=2, alpha=2, modules_to_save={"out_head": nn.Linear(64, 2)})
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.B.normal_()
+    return ad.save_adapter(model, tmp_path / "spam")
+
+
+@pytest.fixture
+def carrier():
+    """The base, already carrying an active 'chat' adapter: loading must not disturb it."""
+    model = tiny_base()
+    ad.add_adapter(model, "chat", rank=2, alpha=2, targets="attention")
+    return model
+
+
+def state(model: nn.Module) -> dict:
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "trainable": {n: p.requires_grad for n, p in model.named_parameters()},
+        "adapters": ad.adapter_names(model),
+        "active": ad.active_adapter(model),
+        "modules": [n for n, _ in model.named_modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = state(model)
+    assert after["adapters"] == before["adapters"] and after["active"] == before["active"]
+    assert after["modules"] == before["modules"] and after["trainable"] == before["trainable"]
+    assert after["params"].keys() == before["params"].keys()
+    assert all(torch.equal(after["params"][n], p) for n, p in before["params"].items())
+
+
+def edit_config(directory, **changes):
+    path = directory / ad.CONFIG_FILE
+    config = json.loads(path.read_text()) | changes
+    path.write_text(json.dumps({k: v for k, v in config.items() if v is not DROP}))
+
+
+DROP = object()
+
+
+def truncate(directory):
+    path = directory / ad.WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def flip_last_byte(directory):  # the end of the file is tensor data, not the header
+    path = directory / ad.WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def resave(directory, edit):
+    """Rewrite the tensors with ``edit`` applied and record their new checksum: a consistent
+    file that does not fit, rather than a corrupt one."""
+    path = directory / ad.WEIGHTS_FILE
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    edit_config(directory, weights_sha256=sha256_of(path))
+
+
+BAD_ADAPTERS = {
+    "truncated tensors": (truncate, "adapter.safetensors is corrupt"),
+    "flipped byte": (flip_last_byte, "adapter.safetensors is corrupt: its sha256"),
+    "truncated, no checksum (older adapter)": (
+        lambda d: (truncate(d), edit_config(d, weights_sha256=DROP)),
+        "adapter.safetensors is not a readable safetensors file",
+    ),
+    "tensors missing": (
+        lambda d: (d / ad.WEIGHTS_FILE).unlink(),
+        "adapter.safetensors is missing: .* holds the adapter's config but not its tensors",
+    ),
+    "config missing": (
+        lambda d: (d / ad.CONFIG_FILE).unlink(),
+        "adapter_config.json is missing",
+    ),
+    "invalid JSON": (
+        lambda d: (d / ad.CONFIG_FILE).write_text("{not json"),
+        "adapter_config.json is not valid JSON",
+    ),
+    "rank missing": (lambda d: edit_config(d, rank=DROP), "malformed: 'rank' is missing"),
+    "rank of wrong type": (lambda d: edit_config(d, rank="2"), "'rank' must be an integer"),
+    "rank zero": (lambda d: edit_config(d, rank=0), "rank must be a positive integer, got 0"),
+    "targets missing": (lambda d: edit_config(d, targets=DROP), "'targets' is missing"),
+    "unknown scaling": (lambda d: edit_config(d, scaling_rule="x"), "scaling must be one of"),
+    "bad checksum field": (
+        lambda d: edit_config(d, weights_sha256="abc"),
+        "'weights_sha256' must be 64 hex digits",
+    ),
+    "wrong shape": (
+        lambda d: resave(d, lambda t: t.update({"out_head.bias": torch.zeros(3)})),
+        r"out_head.bias has shape \(3,\), the model expects \(2,\)",
+    ),
+    "wrong dtype": (
+        lambda d: resave(d, lambda t: t.update({"out_head.bias": torch.zeros(2, dtype=int)})),
+        "out_head.bias has dtype torch.int64, expected a floating-point tensor",
+    ),
+    "tensor missing": (
+        lambda d: resave(d, lambda t: t.pop("trf_blocks.0.ff.fc1.lora.B")),
+        r"missing \['trf_blocks.0.ff.fc1.lora.B'\]",
+    ),
+    "another base": (
+        lambda d: edit_config(d, base={"architecture": {}, "fingerprint": "0"}),
+        "trained on another architecture",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ADAPTERS)
+def test_a_bad_adapter_is_refused_and_leaves_the_model_as_it_was(
+    case, saved_spam, carrier, tmp_path
+):
+    good = tmp_path / "good"
+    shutil.copytree(saved_spam, good)
+    damage, message = BAD_ADAPTERS[case]
+    damage(saved_spam)
+    before = state(carrier)
+    with pytest.raises(ad.AdapterLoadError, match=message) as err:
+        ad.load_adapter(carrier, saved_spam, name="spam")
+    assert str(saved_spam) in str(err.value)  # names the file or folder
+    assert_unchanged(carrier, before)
+    ad.load_adapter(carrier, good, name="spam")  # a good copy loads afterwards
+    assert ad.adapter_names(carrier) == ["chat", "spam"]
+
+
+def test_the_saved_config_records_the_tensor_files_sha256(saved_spam):
+    config = json.loads((saved_spam / ad.CONFIG_FILE).read_text())
+    assert config["weights_sha256"] == sha256_of(saved_spam / ad.WEIGHTS_FILE)
