@@ -545,8 +545,7 @@ def _check_base(model: nn.Module, config: dict, directory: Path) -> None:
     fingerprint = base_fingerprint(model, exclude=config["modules_to_save"])
     if fingerprint != config["base"]["fingerprint"]:
         raise AdapterMismatchError(
-            f"The model's weights differ from the base the adapter in {shown} was trained on "
-            "(fingerprint "
-            f"{fingerprint[:12]}… vs {config['base']['fingerprint'][:12]}…). Load the same base "
-            "checkpoint the adapter was trained on."
+            "The model's weights differ from the base the adapter was trained on (fingerprint "
+            f"{fingerprint[:12]}… vs {config['base']['fingerprint'][:12]}… of the adapter in "
+            f"{shown}). Load the same base checkpoint the adapter was trained on."
         )
