@@ -326,6 +326,11 @@ class MessageDataset(Dataset):
     """Token ids and label ids of (label, text) messages, cut to at most ``max_length`` tokens."""
 
     def __init__(self, messages: list[Message], tokenizer, max_length: int):
+        if empty := [i for i, (_, text) in enumerate(messages) if not text.strip()]:
+            raise ValueError(
+                f"Messages {empty[:10]} are empty or whitespace-only: a classifier reads a "
+                "message's last token, and these have none. Drop them before building batches."
+            )
         self.messages = messages
         self.ids = [tokenizer.encode(text)[:max_length] for _, text in messages]
         self.labels = [LABEL_IDS[label] for label, _ in messages]
@@ -352,6 +357,11 @@ def pad_collate(
     possible batch shapes (what a CUDA graph, captured once per shape, needs); ``min_length``
     pads every batch to at least that length (e.g. the whole training set's longest message).
     """
+    if empty := [row for row, (ids, _) in enumerate(batch) if len(ids) == 0]:
+        raise ValueError(
+            f"Rows {empty} of the batch have no tokens (empty messages): the classifier would "
+            "read a padding position. Drop empty messages before batching."
+        )
     longest = max(min_length, *(len(ids) for ids, _ in batch))
     longest = -(-longest // multiple) * multiple
     if max_length is not None:

@@ -12,9 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_helpers import adapters as ad
-from lora_helpers.data import sha256_of
+from lora_helpers import finetune
+from lora_helpers.data import MessageDataset, pad_collate, sha256_of
 from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, replace_linear_with_lora
 from lora_helpers.model import GPTModel, gpt_config
+from lora_helpers.tokenizer import get_tokenizer
 
 # --- ranks -----------------------------------------------------------------------------------
 
@@ -201,3 +203,21 @@ def test_a_bad_adapter_is_refused_and_leaves_the_model_as_it_was(
 def test_the_saved_config_records_the_tensor_files_sha256(saved_spam):
     config = json.loads((saved_spam / ad.CONFIG_FILE).read_text())
     assert config["weights_sha256"] == sha256_of(saved_spam / ad.WEIGHTS_FILE)
+
+
+# --- messages --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_classify_refuses_an_empty_message(text):
+    model = finetune.add_classification_head(tiny_base())
+    with pytest.raises(ValueError, match="empty or whitespace-only message"):
+        finetune.classify(model, text, get_tokenizer(), torch.device("cpu"))
+
+
+def test_the_batch_builders_refuse_an_empty_message():
+    messages = [("ham", "hello"), ("spam", " "), ("ham", "")]
+    with pytest.raises(ValueError, match=r"Messages \[1, 2\] are empty or whitespace-only"):
+        MessageDataset(messages, get_tokenizer(), max_length=16)
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the batch have no tokens"):
+        pad_collate([([1, 2], 0), ([], 1)])
