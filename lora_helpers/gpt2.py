@@ -10,6 +10,7 @@ the keys.
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from .data import DownloadError, download_file
-from .model import GPTModel, gpt_config
+from .model import GPTConfig, GPTModel, gpt_config
 from .settings import data_dir
 
 # size -> (our preset in model.PRESETS, the model's repository on the Hugging Face hub)
@@ -111,6 +112,46 @@ def fetch_gpt2(size: str = "124M", timeout: float = 10.0) -> Path:
     return dest
 
 
+# Hugging Face's config.json field -> our GPTConfig field (GPT-2's defaults where it may be absent)
+HF_CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "n_positions": "context_length",
+    "n_embd": "emb_dim",
+    "n_head": "n_heads",
+    "n_layer": "n_layers",
+    "tie_word_embeddings": "tie_weights",
+}
+HF_DEFAULTS = {"tie_word_embeddings": True, "activation_function": "gelu_new", "n_inner": None}
+
+
+def check_gpt2_config(weights_path: str | Path, cfg: GPTConfig) -> None:
+    """If the weights' folder holds Hugging Face's ``config.json``, raise ValueError unless
+    every architecture field in it matches ``cfg``. (A wrong ``n_heads`` gives the very same
+    shapes, so the weights alone would load silently and compute something else.)"""
+    path = Path(weights_path).parent / "config.json"
+    if not path.exists():
+        return
+    try:
+        hf = HF_DEFAULTS | json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): delete or fix it.") from err
+    hf["n_inner"] = hf["n_inner"] or 4 * hf.get("n_embd", 0)  # null means 4 x n_embd
+    expected = {key: getattr(cfg, ours) for key, ours in HF_CONFIG_FIELDS.items()}
+    expected |= {"model_type": "gpt2", "activation_function": "gelu_new"}
+    expected |= {"layer_norm_epsilon": 1e-5, "n_inner": 4 * cfg.emb_dim}  # our LayerNorm, MLP
+    diffs = [
+        f"{key}: config.json {hf.get(key, 'missing')!r} vs model {value!r}"
+        for key, value in expected.items()
+        if hf.get(key, "missing") != value
+    ]
+    if diffs:
+        raise ValueError(
+            f"{path} describes another architecture than the model: {'; '.join(diffs)}. Build "
+            "the model from the preset of that size (e.g. load_gpt2('355M')), or remove a "
+            "config.json that does not belong to these weights."
+        )
+
+
 def gpt2_name_map(n_layers: int) -> dict[str, tuple[str, ...]]:
     """Every GPT-2 tensor name of an ``n_layers`` model -> the parameter names it fills."""
     names = dict(TOP_NAMES)
@@ -144,7 +185,9 @@ def read_gpt2_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_gpt2_weights(model: GPTModel, path: str | Path) -> GPTModel:
-    """Copy the GPT-2 weights in ``path`` into ``model``; nothing is copied unless all fit."""
+    """Copy the GPT-2 weights in ``path`` into ``model``; nothing is copied unless all fit
+    (including the architecture in a ``config.json`` next to them)."""
+    check_gpt2_config(path, model.cfg)
     source = read_gpt2_tensors(path)
     names = gpt2_name_map(model.cfg.n_layers)
     params = dict(model.named_parameters())  # the tied head is listed once, as tok_emb.weight

@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_helpers import adapters as ad
-from lora_helpers import data, finetune
+from lora_helpers import data, finetune, gpt2
 from lora_helpers.data import MessageDataset, pad_collate, sha256_of
 from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, replace_linear_with_lora
-from lora_helpers.model import GPTModel, gpt_config
+from lora_helpers.model import GPTConfig, GPTModel, gpt_config
 from lora_helpers.tokenizer import get_tokenizer
 
 # --- ranks -----------------------------------------------------------------------------------
@@ -297,3 +297,47 @@ def test_the_default_timeouts_fail_over_within_20_seconds():
     """Two addresses that never answer cost 2 x timeout; the resources with most addresses."""
     timeout = inspect.signature(data.fetch).parameters["timeout"].default
     assert max(len(r.urls) for r in data.RESOURCES.values()) * timeout <= 20
+
+
+# --- GPT-2 weights ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_folder(tmp_path_factory):
+    """A tiny GPT-2 saved by transformers: model.safetensors next to its config.json."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=100, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+GPT2_TINY = dict(vocab_size=100, context_length=64, emb_dim=64, n_heads=2, n_layers=2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_heads", 4, "n_head: config.json 2 vs model 4"),  # same shapes: would load silently
+        ("n_layers", 3, "n_layer: config.json 2 vs model 3"),
+        ("context_length", 32, "n_positions: config.json 64 vs model 32"),
+        ("tie_weights", False, "tie_word_embeddings: config.json True vs model False"),
+    ],
+)
+def test_gpt2_weights_whose_config_json_differs_from_the_preset_are_refused(
+    tiny_gpt2_folder, field, value, message
+):
+    cfg = GPTConfig(**(GPT2_TINY | {field: value}), qkv_bias=True)
+    model = GPTModel(cfg)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"describes another architecture.*{message}"):
+        gpt2.load_gpt2_weights(model, tiny_gpt2_folder / "model.safetensors")
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_gpt2_weights_with_a_matching_config_json_load(tiny_gpt2_folder):
+    model = GPTModel(GPTConfig(**GPT2_TINY, qkv_bias=True))
+    gpt2.load_gpt2_weights(model, tiny_gpt2_folder / "model.safetensors")
