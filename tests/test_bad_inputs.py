@@ -1,14 +1,19 @@
 """Every row of README's table "Bad inputs and what you see" is a test here: a wrong input is
 refused with a message that names what is wrong and what to do, and changes nothing."""
 
+import dataclasses
 import inspect
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,11 +22,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_helpers import adapters as ad
-from lora_helpers import data, finetune, gpt2
+from lora_helpers import data, finetune, gpt2, pretrain, train
 from lora_helpers.data import MessageDataset, pad_collate, sha256_of
 from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, replace_linear_with_lora
 from lora_helpers.model import GPTConfig, GPTModel, gpt_config
 from lora_helpers.tokenizer import get_tokenizer
+from lora_helpers.train import CheckpointError
 
 # --- ranks -----------------------------------------------------------------------------------
 
@@ -341,3 +347,91 @@ def test_gpt2_weights_whose_config_json_differs_from_the_preset_are_refused(
 def test_gpt2_weights_with_a_matching_config_json_load(tiny_gpt2_folder):
     model = GPTModel(GPTConfig(**GPT2_TINY, qkv_bias=True))
     gpt2.load_gpt2_weights(model, tiny_gpt2_folder / "model.safetensors")
+
+
+# --- interrupted pretraining -----------------------------------------------------------------
+
+# Dropout on, so that resuming must restore the random number generators too.
+RESUMABLE = pretrain.PretrainRecipe(
+    preset="scratch-tiny",
+    dropout=0.1,
+    batch_size=4,
+    max_steps=6,
+    warmup_steps=2,
+    eval_every=3,
+    max_train_tokens=3_000,
+    corpora=("sms",),
+)
+PRETRAIN = """
+import os, sys, torch
+from lora_helpers import pretrain, train
+from lora_helpers.model import GPTModel, gpt_config
+from lora_helpers.pretrain import PretrainRecipe
+from lora_helpers.tokenizer import get_tokenizer
+from lora_helpers.train import CheckpointError
+
+recipe, kill_at = {recipe!r}, {kill_at!r}
+if kill_at is not None:  # die at the start of step `kill_at`, as a kill -9 would: no clean-up
+    step, calls = train.optimizer_step, []
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > kill_at:
+            os._exit(9)
+        return step(*args, **kwargs)
+    train.optimizer_step = dying
+torch.manual_seed(recipe.seed)
+cfg = gpt_config(recipe.preset, drop_rate=recipe.dropout)
+model = GPTModel(cfg)
+corpora = pretrain.pretraining_corpora(get_tokenizer(), recipe)
+loaders = pretrain.pretraining_loaders(corpora, cfg.context_length, recipe)
+pretrain.run_pretraining(model, *loaders, torch.device("cpu"), recipe, save_every=2)
+"""
+
+
+def pretrain_tiny(recipe, kill_at=None) -> GPTModel:
+    """Run PRETRAIN here (``kill_at=None``) and return the final model."""
+    scope = {}
+    exec(PRETRAIN.format(recipe=recipe, kill_at=kill_at), scope)
+    return scope["model"]
+
+
+def test_a_killed_pretraining_run_resumes_to_identical_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path / "uninterrupted"))
+    expected = pretrain_tiny(RESUMABLE)
+    assert not pretrain.resume_checkpoint_path(RESUMABLE).exists()  # deleted when complete
+
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path / "killed"))
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    script = PRETRAIN.format(recipe=RESUMABLE, kill_at=3)  # killed during step 4 of 6
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    assert killed.returncode == 9, killed.stderr.decode()[-2000:]
+    resume = pretrain.resume_checkpoint_path(RESUMABLE)
+    assert torch.load(resume, weights_only=True)["step"] == 2  # the last save before the kill
+
+    resumed = pretrain_tiny(RESUMABLE)  # run again: continues from step 2
+    assert not resume.exists()
+    state, reference = resumed.state_dict(), expected.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_a_resume_file_from_another_recipe_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    step, calls = train.optimizer_step, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during step 4
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_tiny(RESUMABLE)
+    monkeypatch.setattr(train, "optimizer_step", step)
+    resume = pretrain.resume_checkpoint_path(RESUMABLE)
+    saved = resume.read_bytes()
+    other = dataclasses.replace(RESUMABLE, lr=1e-3)
+    with pytest.raises(CheckpointError, match="saved by another run .* Delete it to start over"):
+        pretrain_tiny(other)
+    assert resume.read_bytes() == saved  # left as it was: the first recipe can still resume
