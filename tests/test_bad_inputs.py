@@ -351,15 +351,16 @@ def test_gpt2_weights_with_a_matching_config_json_load(tiny_gpt2_folder):
 
 # --- interrupted pretraining -----------------------------------------------------------------
 
-# Dropout on, so that resuming must restore the random number generators too.
+# Dropout on, so that resuming must restore the random number generators too; 600 tokens
+# make 17 windows, 4 batches an epoch, so the run shuffles anew twice in 8 steps.
 RESUMABLE = pretrain.PretrainRecipe(
     preset="scratch-tiny",
     dropout=0.1,
     batch_size=4,
-    max_steps=6,
+    max_steps=8,
     warmup_steps=2,
-    eval_every=3,
-    max_train_tokens=3_000,
+    eval_every=4,
+    max_train_tokens=600,
     corpora=("sms",),
 )
 PRETRAIN = """
@@ -384,7 +385,7 @@ cfg = gpt_config(recipe.preset, drop_rate=recipe.dropout)
 model = GPTModel(cfg)
 corpora = pretrain.pretraining_corpora(get_tokenizer(), recipe)
 loaders = pretrain.pretraining_loaders(corpora, cfg.context_length, recipe)
-pretrain.run_pretraining(model, *loaders, torch.device("cpu"), recipe, save_every=2)
+pretrain.run_pretraining(model, *loaders, torch.device("cpu"), recipe, save_every=3)
 """
 
 
@@ -402,13 +403,14 @@ def test_a_killed_pretraining_run_resumes_to_identical_weights(monkeypatch, tmp_
 
     monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path / "killed"))
     env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
-    script = PRETRAIN.format(recipe=RESUMABLE, kill_at=3)  # killed during step 4 of 6
+    script = PRETRAIN.format(recipe=RESUMABLE, kill_at=7)  # killed during step 8 of 8
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert killed.returncode == 9, killed.stderr.decode()[-2000:]
     resume = pretrain.resume_checkpoint_path(RESUMABLE)
-    assert torch.load(resume, weights_only=True)["step"] == 2  # the last save before the kill
+    saved = torch.load(resume, weights_only=True)
+    assert saved["step"] == 6 and saved["data"]["in_epoch"] == 2  # in the 2nd epoch
 
-    resumed = pretrain_tiny(RESUMABLE)  # run again: continues from step 2
+    resumed = pretrain_tiny(RESUMABLE)  # run again: continues from step 6
     assert not resume.exists()
     state, reference = resumed.state_dict(), expected.state_dict()
     assert state.keys() == reference.keys()
