@@ -39,7 +39,9 @@ def test_any_integral_rank_is_accepted(rank):
     assert layer.lora.A.shape == (16, 4)
 
 
-@pytest.mark.parametrize("rank", [4.0, np.float32(4), torch.tensor(4.0), torch.tensor([4]), 0])
+@pytest.mark.parametrize(
+    "rank", [4.0, np.float32(4), torch.tensor(4.0), torch.tensor([4]), 0, True]
+)
 def test_a_non_integral_or_non_positive_rank_is_refused(rank):
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         LinearWithLoRA(nn.Linear(16, 8), rank, alpha=4)
@@ -61,6 +63,11 @@ def test_the_seeds_recipe_reproduces_its_trainable_count_on_gpt2_124m(rank, expe
     with pytest.warns(UserWarning, match="in_features=768, out_features=2"):
         replace_linear_with_lora(model, rank, rank)
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+
+
+def test_olora_refuses_a_rank_above_min_in_out():
+    with pytest.raises(ValueError, match="use rank <= 2 with OLoRA"):
+        LinearWithLoRA(nn.Linear(768, 2), rank=16, alpha=16, init="olora")
 
 
 def test_our_recommended_targets_need_no_warning():
