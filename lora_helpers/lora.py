@@ -12,6 +12,7 @@ import operator
 import re
 import warnings
 from collections.abc import Iterable
+from typing import SupportsIndex
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ def lora_scaling(alpha: float, rank: int, rule: str = "standard") -> float:
     raise ValueError(f"Unknown scaling rule {rule!r}; choose one of {SCALING_RULES}.")
 
 
-def as_rank(rank) -> int:
+def as_rank(rank: SupportsIndex) -> int:
     """``rank`` as a Python int: any integral number (int, numpy integer, 0-d integer tensor)."""
     is_tensor = isinstance(rank, torch.Tensor)
     if isinstance(rank, bool) or (is_tensor and (rank.dim() != 0 or rank.dtype == torch.bool)):

@@ -326,6 +326,7 @@ class Batches:
         return batch
 
     def position(self) -> dict:
+        """Where the next batch comes from, as ``restore`` takes it."""
         return {"epoch_start": self.epoch_start, "in_epoch": self.in_epoch}
 
     def restore(self, position: dict) -> None:
