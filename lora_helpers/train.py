@@ -288,10 +288,11 @@ def train(
                         **(checkpoint_metadata or {}),
                     )
             steps.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{val_loss:.3f}")
-        if resume_path is not None and (step + 1) % (save_every or eval_every) == 0:
+        done = step + 1
+        if resume_path is not None and done % (save_every or eval_every) == 0 and done < max_steps:
             history.seconds = time.perf_counter() - start
             save_resume_state(
-                resume_path, identity, step + 1, model, optimizer, batches, history, running,
+                resume_path, identity, done, model, optimizer, batches, history, running,
                 n_running,
             )  # fmt: skip
     history.seconds = time.perf_counter() - start
