@@ -386,8 +386,9 @@ def _base_problems(base) -> list[str]:
 
 
 def _value_problems(config: dict) -> list[str]:
+    """What is wrong with the values of a config whose fields have the right types."""
     problems = []
-    try:
+    try:  # the layer sizes are not known here: add_adapter checks the rank against them
         check_lora_args(
             1 << 30, 1 << 30, config["rank"], config["alpha"], config["scaling_rule"],
             config["dropout"], config["init"],
@@ -497,17 +498,20 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         n: nn.Linear(d["in_features"], d["out_features"], bias=d["bias"], device=device)
         for n, d in config["modules_to_save"].items()
     }
-    add_adapter(
-        model,
-        name,
-        config["rank"],
-        config["alpha"],
-        targets=[re.escape(t) for t in config["targets"]],
-        scaling=config["scaling_rule"],
-        dropout=config["dropout"],
-        init=config["init"],
-        modules_to_save=owned,
-    )
+    try:  # add_adapter checks every layer before changing any
+        add_adapter(
+            model,
+            name,
+            config["rank"],
+            config["alpha"],
+            targets=[re.escape(t) for t in config["targets"]],
+            scaling=config["scaling_rule"],
+            dropout=config["dropout"],
+            init=config["init"],
+            modules_to_save=owned,
+        )
+    except ValueError as err:  # e.g. an OLoRA rank above a layer's size
+        raise AdapterLoadError(f"{display_path(directory)}: {err} {REMEDY}") from err
     expected = lora_state_dict(model, name)
     for module_name, module in owned.items():
         expected |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
