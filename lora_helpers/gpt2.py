@@ -31,6 +31,7 @@ GPT2_SIZES = {
     "1558M": ("gpt2-1558M", "openai-community/gpt2-xl"),
 }
 HUB_URL = "https://huggingface.co/{repo}/resolve/main/model.safetensors"
+CONFIG_URL = "https://huggingface.co/{repo}/resolve/main/config.json"  # checked by load_gpt2
 
 # GPT-2's names (hub layout, no ``transformer.`` prefix) -> the parameters each tensor fills.
 TOP_NAMES = {
@@ -92,7 +93,8 @@ def hub_file_info(url: str, timeout: float) -> tuple[int | None, str | None]:
 
 
 def fetch_gpt2(size: str = "124M", timeout: float = 10.0) -> Path:
-    """The local ``model.safetensors`` of GPT-2 ``size``, downloaded and checked if not cached.
+    """The local ``model.safetensors`` of GPT-2 ``size``, downloaded and checked if not cached,
+    with the model's ``config.json`` next to it (``load_gpt2_weights`` checks it).
 
     A cached file is used without any network call.
     """
@@ -103,6 +105,8 @@ def fetch_gpt2(size: str = "124M", timeout: float = 10.0) -> Path:
     try:
         n_bytes, sha256 = hub_file_info(url, timeout)
         download_file(url, dest, timeout, expected_size=n_bytes, expected_sha256=sha256)
+        config_url = CONFIG_URL.format(repo=GPT2_SIZES[size][1])
+        download_file(config_url, dest.parent / "config.json", timeout)
     except OSError as err:  # URLError, HTTPError and timeouts are all OSErrors
         raise DownloadError(
             f"The GPT-2 {size} weights need the network the first time: downloading {url} "
