@@ -23,8 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from .data import sha256_of
 from .lora import (
     LinearWithLoRA,
+    as_rank,
+    check_lora_args,
     check_not_tied,
     lora_layers,
     lora_state_dict,
@@ -33,12 +36,18 @@ from .lora import (
     unmerge_lora,
 )
 from .model import GPTConfig
+from .settings import display_path
 
 ADAPTER_FORMAT = "lora_helpers.adapter.v1"
 WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
 
 
-class AdapterMismatchError(RuntimeError):
+class AdapterLoadError(RuntimeError):
+    """An adapter cannot be loaded (files missing, corrupt or malformed, or made for another
+    model); the model was left exactly as it was."""
+
+
+class AdapterMismatchError(AdapterLoadError):
     """An adapter file does not fit the model it is loaded onto."""
 
 
@@ -101,6 +110,15 @@ def add_adapter(
     check_not_tied(
         model, [n for n in names if not isinstance(model.get_submodule(n), LinearWithLoRA)]
     )
+    for layer_name in names:  # every check before the first change: all or nothing
+        layer = model.get_submodule(layer_name)
+        linear = layer.linear if isinstance(layer, LinearWithLoRA) else layer
+        check_lora_args(
+            linear.in_features, linear.out_features, rank, alpha, scaling, dropout, init
+        )
+    own = modules_to_save if isinstance(modules_to_save, dict) else dict.fromkeys(modules_to_save)
+    for module_name in own:
+        model.get_submodule(module_name)  # raises AttributeError naming a missing module
     for layer_name in names:
         layer = model.get_submodule(layer_name)
         if isinstance(layer, LinearWithLoRA):
@@ -109,7 +127,6 @@ def add_adapter(
             _replace(
                 model, layer_name, LinearWithLoRA(layer, rank, alpha, scaling, dropout, init, name)
             )
-    own = modules_to_save if isinstance(modules_to_save, dict) else dict.fromkeys(modules_to_save)
     for module_name, module in own.items():
         wrapper = model.get_submodule(module_name)
         if not isinstance(wrapper, PerAdapterModule):
@@ -290,6 +307,7 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    config["weights_sha256"] = sha256_of(tmp)  # load_adapter refuses a changed byte
     os.replace(tmp, directory / WEIGHTS_FILE)
     tmp = directory / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(config, indent=2))
@@ -308,74 +326,217 @@ def _describe(module: nn.Module) -> dict:
     }
 
 
+# Required fields of adapter_config.json and the JSON types they must have.
+CONFIG_FIELDS = {
+    "rank": int,
+    "alpha": (int, float),
+    "scaling_rule": str,
+    "dropout": (int, float),
+    "init": str,
+    "targets": list,
+    "modules_to_save": dict,
+    "base": dict,
+}
+REMEDY = "Save the adapter again with save_adapter(), or restore the folder from a copy."
+
+
 def read_adapter_config(directory: str | Path) -> dict:
-    """The JSON config of a saved adapter."""
+    """The JSON config of a saved adapter, every field checked (AdapterLoadError otherwise)."""
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"No adapter at {directory}: {CONFIG_FILE} is missing.")
-    config = json.loads(path.read_text())
-    if config.get("format") != ADAPTER_FORMAT:
-        raise AdapterMismatchError(f"{path} is not a lora_helpers adapter ({ADAPTER_FORMAT}).")
+        raise AdapterLoadError(
+            f"No adapter at {display_path(directory)}: {display_path(path)} is missing. "
+            "Pass the folder save_adapter() wrote."
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{display_path(path)} is not valid JSON ({err}). {REMEDY}") from err
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+        raise AdapterLoadError(
+            f"{display_path(path)} is not a lora_helpers adapter ({ADAPTER_FORMAT})."
+        )
+    problems = [
+        f"{key!r} is missing"
+        if key not in config
+        else f"{key!r} must be {_json_type(kind)}, got {config[key]!r}"
+        for key, kind in CONFIG_FIELDS.items()
+        if key not in config or not _is(config[key], kind)
+    ]
+    problems += _base_problems(config.get("base"))
+    if not problems:
+        problems += _value_problems(config)
+    if problems:
+        raise AdapterLoadError(
+            f"{display_path(path)} is malformed: {'; '.join(problems)}. {REMEDY}"
+        )
     return config
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _json_type(kind) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+    return names.get(kind, "a number" if kind == (int, float) else "an object")
+
+
+def _base_problems(base) -> list[str]:
+    if not isinstance(base, dict):
+        return []
+    problems = []
+    if not isinstance(base.get("architecture"), dict):
+        problems.append("'base.architecture' must be an object")
+    if not isinstance(base.get("fingerprint"), str):
+        problems.append("'base.fingerprint' must be a string")
+    return problems
+
+
+def _value_problems(config: dict) -> list[str]:
+    """What is wrong with the values of a config whose fields have the right types."""
+    problems = []
+    try:  # the layer sizes are not known here: add_adapter checks the rank against them
+        check_lora_args(
+            1 << 30, 1 << 30, config["rank"], config["alpha"], config["scaling_rule"],
+            config["dropout"], config["init"],
+        )  # fmt: skip
+    except ValueError as err:
+        problems.append(str(err).rstrip("."))
+    if not config["targets"] or not all(isinstance(t, str) for t in config["targets"]):
+        problems.append("'targets' must be a non-empty list of layer names")
+    for name, module in config["modules_to_save"].items():
+        fields_ok = isinstance(module, dict) and all(
+            _is(module.get(k), int) for k in ("in_features", "out_features")
+        )
+        if not fields_ok or not isinstance(module.get("bias"), bool):
+            problems.append(
+                f"modules_to_save[{name!r}] must give in_features, out_features and bias"
+            )
+    sha = config.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
+        problems.append(f"'weights_sha256' must be 64 hex digits, got {sha!r}")
+    return problems
+
+
+def read_adapter_tensors(directory: str | Path, config: dict) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, checked against the sha256 its config records."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.exists():
+        raise AdapterLoadError(
+            f"{display_path(path)} is missing: {display_path(directory)} holds the adapter's "
+            f"config but not its tensors. Copy the whole folder. {REMEDY}"
+        )
+    expected = config.get("weights_sha256")  # absent in adapters saved before it was recorded
+    if expected is not None and (actual := sha256_of(path)) != expected:
+        raise AdapterLoadError(
+            f"{display_path(path)} is corrupt: its sha256 is {actual[:12]}…, {CONFIG_FILE} records "
+            f"{expected[:12]}… (a changed, truncated or replaced file). {REMEDY}"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise AdapterLoadError(
+            f"{display_path(path)} is not a readable safetensors file ({err}). {REMEDY}"
+        ) from err
+
+
+def expected_adapter_tensors(model: nn.Module, config: dict) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the tensors the adapter described by ``config`` has on
+    ``model`` (whose layers are checked to exist by ``_check_base``)."""
+    rank, shapes = as_rank(config["rank"]), {}
+    for target in config["targets"]:
+        layer = model.get_submodule(target)
+        linear = layer.linear if isinstance(layer, LinearWithLoRA) else layer
+        pairs = [("A", "B"), ("A0", "B0")] if config["init"] == "olora" else [("A", "B")]
+        for a, b in pairs:
+            shapes[f"{target}.lora.{a}"] = (linear.in_features, rank)
+            shapes[f"{target}.lora.{b}"] = (rank, linear.out_features)
+    for name, module in config["modules_to_save"].items():
+        shapes[f"{name}.weight"] = (module["out_features"], module["in_features"])
+        if module["bias"]:
+            shapes[f"{name}.bias"] = (module["out_features"],)
+    return shapes
+
+
+def _check_tensors(
+    directory: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
+) -> None:
+    """Raise AdapterMismatchError unless ``tensors`` are exactly the expected floating-point
+    tensors with the expected shapes."""
+    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or extra:
+        raise AdapterMismatchError(
+            f"{display_path(directory)} does not hold the tensors its config describes: missing "
+            f"{missing}, unexpected {extra}. The file is incomplete or from another adapter. "
+            f"{REMEDY}"
+        )
+    shown = display_path(directory / WEIGHTS_FILE)
+    for key, shape in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != shape:
+            raise AdapterMismatchError(
+                f"{shown}: {key} has shape {tuple(tensor.shape)}, the model expects {shape}. "
+                f"{REMEDY}"
+            )
+        if not tensor.is_floating_point():
+            raise AdapterMismatchError(
+                f"{shown}: {key} has dtype {tensor.dtype}, expected a floating-point tensor. "
+                f"{REMEDY}"
+            )
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
     """Add the adapter saved in ``directory`` to ``model`` as ``name`` and make it active.
 
-    Raises AdapterMismatchError, saying what differs, if the model is not the adapter's base
-    (architecture, weights or target layers), or if a tensor is missing or unexpected.
-    A Hugging Face PEFT adapter for GPT-2 is read by ``peft_format.load_peft_adapter``.
+    All or nothing: the config, the tensors (keys, shapes, dtypes, checksum) and the base
+    (architecture, weights, target layers) are checked before the model is touched; any
+    problem raises AdapterLoadError (AdapterMismatchError for another base) and leaves the
+    model exactly as it was. A Hugging Face PEFT adapter for GPT-2 is read by
+    ``peft_format.load_peft_adapter``.
     """
     from .peft_format import is_peft_adapter, load_peft_adapter
 
+    directory = Path(directory)
+    if name in adapter_names(model):
+        raise ValueError(f"The model already has an adapter named {name!r}: {adapter_names(model)}")
     if is_peft_adapter(directory):
         return load_peft_adapter(model, directory, name)
     config = read_adapter_config(directory)
-    _check_base(model, config)
+    _check_base(model, config, directory)
+    tensors = read_adapter_tensors(directory, config)
+    _check_tensors(directory, tensors, expected_adapter_tensors(model, config))
     device = next(model.parameters()).device
     owned = {
         n: nn.Linear(d["in_features"], d["out_features"], bias=d["bias"], device=device)
         for n, d in config["modules_to_save"].items()
     }
-    add_adapter(
-        model,
-        name,
-        config["rank"],
-        config["alpha"],
-        targets=[re.escape(t) for t in config["targets"]],
-        scaling=config["scaling_rule"],
-        dropout=config["dropout"],
-        init=config["init"],
-        modules_to_save=owned,
-    )
+    try:  # add_adapter checks every layer before changing any
+        add_adapter(
+            model,
+            name,
+            config["rank"],
+            config["alpha"],
+            targets=[re.escape(t) for t in config["targets"]],
+            scaling=config["scaling_rule"],
+            dropout=config["dropout"],
+            init=config["init"],
+            modules_to_save=owned,
+        )
+    except ValueError as err:  # e.g. an OLoRA rank above a layer's size
+        raise AdapterLoadError(f"{display_path(directory)}: {err} {REMEDY}") from err
     expected = lora_state_dict(model, name)
     for module_name, module in owned.items():
         expected |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
-    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
-    missing, extra = (
-        sorted(expected.keys() - tensors.keys()),
-        sorted(tensors.keys() - expected.keys()),
-    )
-    if missing or extra:
-        delete_adapter(model, name)
-        raise AdapterMismatchError(
-            f"{directory} does not hold the tensors its config describes: missing {missing}, "
-            f"unexpected {extra}. The file is incomplete or from another adapter."
-        )
     with torch.no_grad():
         for key, target in expected.items():
-            if target.shape != tensors[key].shape:
-                delete_adapter(model, name)
-                raise AdapterMismatchError(
-                    f"{key}: file has shape {tuple(tensors[key].shape)}, "
-                    f"the model expects {tuple(target.shape)}."
-                )
             target.copy_(tensors[key])
     return model
 
 
-def _check_base(model: nn.Module, config: dict) -> None:
+def _check_base(model: nn.Module, config: dict, directory: Path) -> None:
     """Raise AdapterMismatchError unless ``model`` is the base the adapter was trained on."""
+    shown = display_path(directory)
     stored, ours = config["base"]["architecture"], _architecture(model)
     diffs = [
         f"{k}: adapter's base {stored.get(k)} vs model {ours.get(k)}"
@@ -384,16 +545,24 @@ def _check_base(model: nn.Module, config: dict) -> None:
     ]
     if diffs:
         raise AdapterMismatchError(
-            f"The adapter was trained on another architecture: {'; '.join(diffs)}."
+            f"The adapter in {shown} was trained on another architecture: "
+            f"{'; '.join(diffs)}. Load it onto the base it was trained on."
         )
     layers = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | LinearWithLoRA)}
     missing = [t for t in config["targets"] if t not in layers]
     if missing:
-        raise AdapterMismatchError(f"The model has no layers named {missing} (adapter targets).")
+        raise AdapterMismatchError(
+            f"The model has no layers named {missing} (targets of the adapter in {shown})."
+        )
+    modules = dict(model.named_modules())
+    if missing := [n for n in config["modules_to_save"] if n not in modules]:
+        raise AdapterMismatchError(
+            f"The model has no modules named {missing} (modules_to_save of {shown})."
+        )
     fingerprint = base_fingerprint(model, exclude=config["modules_to_save"])
     if fingerprint != config["base"]["fingerprint"]:
         raise AdapterMismatchError(
             "The model's weights differ from the base the adapter was trained on (fingerprint "
-            f"{fingerprint[:12]}… vs {config['base']['fingerprint'][:12]}…). Load the same base "
-            "checkpoint the adapter was trained on."
+            f"{fingerprint[:12]}… vs {config['base']['fingerprint'][:12]}… of the adapter in "
+            f"{shown}). Load the same base checkpoint the adapter was trained on."
         )

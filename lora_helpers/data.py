@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -97,12 +98,16 @@ def download_file(
     timeout: float = 30.0,
     expected_size: int | None = None,
     expected_sha256: str | None = None,
+    deadline: float | None = None,
 ) -> None:
     """Download ``url`` to ``dest`` atomically (temporary file, then rename), with a progress bar.
 
-    If given, the size and sha256 are checked before the rename (CorruptFileError otherwise).
-    On any failure the temporary file is removed and ``dest`` is left untouched.
+    ``timeout`` bounds connecting and each wait for data (a server that accepts but never
+    answers); ``deadline``, if given, the whole download (TimeoutError beyond it). If given,
+    the size and sha256 are checked before the rename (CorruptFileError otherwise). On any
+    failure the temporary file is removed and ``dest`` is left untouched.
     """
+    start = time.monotonic()
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
@@ -111,7 +116,12 @@ def download_file(
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-                for chunk in iter(lambda: response.read(1 << 16), b""):
+                # read1: whatever has arrived (up to 64 KiB), so the deadline is checked often
+                for chunk in iter(lambda: response.read1(1 << 16), b""):
+                    if deadline is not None and time.monotonic() - start > deadline:
+                        raise TimeoutError(
+                            f"the download took longer than its deadline of {deadline} s"
+                        )
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
@@ -153,23 +163,27 @@ def safe_extract(archive: Path, member: str, dest: Path) -> None:
             Path(tmp_name).unlink(missing_ok=True)
 
 
-def _download_verified(resource: Resource, url: str, dest: Path, timeout: float) -> None:
+def _download_verified(
+    resource: Resource, url: str, dest: Path, timeout: float, deadline: float
+) -> None:
     """Fetch one address into ``dest``; only a file with the right sha256 is kept."""
     if resource.zip_member is None:  # checked while it streams, renamed only if right
-        download_file(url, dest, timeout, expected_sha256=resource.sha256)
+        download_file(url, dest, timeout, expected_sha256=resource.sha256, deadline=deadline)
         return
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         archive, staged = Path(tmp) / "download.zip", Path(tmp) / dest.name
-        download_file(url, archive, timeout)
+        download_file(url, archive, timeout, deadline=deadline)
         safe_extract(archive, resource.zip_member, staged)
         verify_sha256(staged, resource.sha256)
         os.replace(staged, dest)
 
 
-def fetch(name: str, timeout: float = 30.0) -> Path:
+def fetch(name: str, timeout: float = 5.0, deadline: float = 60.0) -> Path:
     """Return the verified local path of resource ``name``, downloading it if needed.
 
-    A file already in the data folder is verified and used without any network call.
+    A file already in the data folder is verified and used without any network call. Each
+    address gets ``timeout`` seconds to connect and for each wait for data, and ``deadline``
+    seconds in all, then the next is tried: a server that never answers costs 5 s, not minutes.
     """
     if name not in RESOURCES:
         raise KeyError(f"Unknown resource {name!r}; known: {sorted(RESOURCES)}")
@@ -183,7 +197,7 @@ def fetch(name: str, timeout: float = 30.0) -> Path:
     failures = []
     for url in resource.urls:
         try:
-            _download_verified(resource, url, dest, timeout)
+            _download_verified(resource, url, dest, timeout, deadline)
             return dest
         except (OSError, urllib.error.URLError, CorruptFileError, zipfile.BadZipFile) as err:
             failures.append(f"  {url}: {err}")
@@ -326,6 +340,11 @@ class MessageDataset(Dataset):
     """Token ids and label ids of (label, text) messages, cut to at most ``max_length`` tokens."""
 
     def __init__(self, messages: list[Message], tokenizer, max_length: int):
+        if empty := [i for i, (_, text) in enumerate(messages) if not text.strip()]:
+            raise ValueError(
+                f"Messages {empty[:10]} are empty or whitespace-only: a classifier reads a "
+                "message's last token, and these have none. Drop them before building batches."
+            )
         self.messages = messages
         self.ids = [tokenizer.encode(text)[:max_length] for _, text in messages]
         self.labels = [LABEL_IDS[label] for label, _ in messages]
@@ -352,6 +371,11 @@ def pad_collate(
     possible batch shapes (what a CUDA graph, captured once per shape, needs); ``min_length``
     pads every batch to at least that length (e.g. the whole training set's longest message).
     """
+    if empty := [row for row, (ids, _) in enumerate(batch) if len(ids) == 0]:
+        raise ValueError(
+            f"Rows {empty} of the batch have no tokens (empty messages): the classifier would "
+            "read a padding position. Drop empty messages before batching."
+        )
     longest = max(min_length, *(len(ids) for ids, _ in batch))
     longest = -(-longest // multiple) * multiple
     if max_length is not None:

@@ -119,6 +119,11 @@ def classify(
     model: GPTModel, text: str, tokenizer: tiktoken.Encoding, device: torch.device
 ) -> tuple[str, float]:
     """The predicted label of one message and the model's probability for it."""
+    if not text.strip():
+        raise ValueError(
+            f"Cannot classify an empty or whitespace-only message ({text!r}): there is no token "
+            "to read the prediction from. Pass the message's text."
+        )
     model.eval()
     ids = tokenizer.encode(text)[: model.cfg.context_length]
     input_ids = torch.tensor([ids], device=device)

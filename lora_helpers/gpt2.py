@@ -10,6 +10,7 @@ the keys.
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from .data import DownloadError, download_file
-from .model import GPTModel, gpt_config
+from .model import GPTConfig, GPTModel, gpt_config
 from .settings import data_dir
 
 # size -> (our preset in model.PRESETS, the model's repository on the Hugging Face hub)
@@ -30,6 +31,7 @@ GPT2_SIZES = {
     "1558M": ("gpt2-1558M", "openai-community/gpt2-xl"),
 }
 HUB_URL = "https://huggingface.co/{repo}/resolve/main/model.safetensors"
+CONFIG_URL = "https://huggingface.co/{repo}/resolve/main/config.json"  # checked by load_gpt2
 
 # GPT-2's names (hub layout, no ``transformer.`` prefix) -> the parameters each tensor fills.
 TOP_NAMES = {
@@ -91,7 +93,8 @@ def hub_file_info(url: str, timeout: float) -> tuple[int | None, str | None]:
 
 
 def fetch_gpt2(size: str = "124M", timeout: float = 10.0) -> Path:
-    """The local ``model.safetensors`` of GPT-2 ``size``, downloaded and checked if not cached.
+    """The local ``model.safetensors`` of GPT-2 ``size``, downloaded and checked if not cached,
+    with the model's ``config.json`` next to it (``load_gpt2_weights`` checks it).
 
     A cached file is used without any network call.
     """
@@ -102,6 +105,8 @@ def fetch_gpt2(size: str = "124M", timeout: float = 10.0) -> Path:
     try:
         n_bytes, sha256 = hub_file_info(url, timeout)
         download_file(url, dest, timeout, expected_size=n_bytes, expected_sha256=sha256)
+        config_url = CONFIG_URL.format(repo=GPT2_SIZES[size][1])
+        download_file(config_url, dest.parent / "config.json", timeout)
     except OSError as err:  # URLError, HTTPError and timeouts are all OSErrors
         raise DownloadError(
             f"The GPT-2 {size} weights need the network the first time: downloading {url} "
@@ -109,6 +114,46 @@ def fetch_gpt2(size: str = "124M", timeout: float = 10.0) -> Path:
             f"{dest}, or set LORA_DATA_DIR to a folder that holds gpt2/{size}/model.safetensors."
         ) from err
     return dest
+
+
+# Hugging Face's config.json field -> our GPTConfig field (GPT-2's defaults where it may be absent)
+HF_CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "n_positions": "context_length",
+    "n_embd": "emb_dim",
+    "n_head": "n_heads",
+    "n_layer": "n_layers",
+    "tie_word_embeddings": "tie_weights",
+}
+HF_DEFAULTS = {"tie_word_embeddings": True, "activation_function": "gelu_new", "n_inner": None}
+
+
+def check_gpt2_config(weights_path: str | Path, cfg: GPTConfig) -> None:
+    """If the weights' folder holds Hugging Face's ``config.json``, raise ValueError unless
+    every architecture field in it matches ``cfg``. (A wrong ``n_heads`` gives the very same
+    shapes, so the weights alone would load silently and compute something else.)"""
+    path = Path(weights_path).parent / "config.json"
+    if not path.exists():
+        return
+    try:
+        hf = HF_DEFAULTS | json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): delete or fix it.") from err
+    hf["n_inner"] = hf["n_inner"] or 4 * hf.get("n_embd", 0)  # null means 4 x n_embd
+    expected = {key: getattr(cfg, ours) for key, ours in HF_CONFIG_FIELDS.items()}
+    expected |= {"model_type": "gpt2", "activation_function": "gelu_new"}
+    expected |= {"layer_norm_epsilon": 1e-5, "n_inner": 4 * cfg.emb_dim}  # our LayerNorm, MLP
+    diffs = [
+        f"{key}: config.json {hf.get(key, 'missing')!r} vs model {value!r}"
+        for key, value in expected.items()
+        if hf.get(key, "missing") != value
+    ]
+    if diffs:
+        raise ValueError(
+            f"{path} describes another architecture than the model: {'; '.join(diffs)}. Build "
+            "the model from the preset of that size (e.g. load_gpt2('355M')), or remove a "
+            "config.json that does not belong to these weights."
+        )
 
 
 def gpt2_name_map(n_layers: int) -> dict[str, tuple[str, ...]]:
@@ -144,7 +189,9 @@ def read_gpt2_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_gpt2_weights(model: GPTModel, path: str | Path) -> GPTModel:
-    """Copy the GPT-2 weights in ``path`` into ``model``; nothing is copied unless all fit."""
+    """Copy the GPT-2 weights in ``path`` into ``model``; nothing is copied unless all fit
+    (including the architecture in a ``config.json`` next to them)."""
+    check_gpt2_config(path, model.cfg)
     source = read_gpt2_tensors(path)
     names = gpt2_name_map(model.cfg.n_layers)
     params = dict(model.named_parameters())  # the tied head is listed once, as tok_emb.weight

@@ -8,8 +8,11 @@ so a freshly wrapped model computes exactly what the base model computes.
 from __future__ import annotations
 
 import math
+import operator
 import re
+import warnings
 from collections.abc import Iterable
+from typing import SupportsIndex
 
 import torch
 from torch import nn
@@ -42,18 +45,39 @@ def lora_scaling(alpha: float, rank: int, rule: str = "standard") -> float:
     raise ValueError(f"Unknown scaling rule {rule!r}; choose one of {SCALING_RULES}.")
 
 
+def as_rank(rank: SupportsIndex) -> int:
+    """``rank`` as a Python int: any integral number (int, numpy integer, 0-d integer tensor)."""
+    is_tensor = isinstance(rank, torch.Tensor)
+    if isinstance(rank, bool) or (is_tensor and (rank.dim() != 0 or rank.dtype == torch.bool)):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+    try:
+        value = operator.index(rank)
+    except TypeError:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.") from None
+    if value < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+    return value
+
+
+def warn_if_rank_exceeds(in_dim: int, out_dim: int, rank: int) -> None:
+    """Warn when ``rank`` exceeds min(in, out): legal (the seed's recipe does it for its 2-class
+    head), but the extra rank adds parameters without compressing anything."""
+    max_rank = min(in_dim, out_dim)
+    if rank > max_rank:
+        warnings.warn(
+            f"rank={rank} is larger than min(in_features={in_dim}, out_features={out_dim}) = "
+            f"{max_rank}: the update can have rank {max_rank} at most, so the extra rank adds "
+            f"{(rank - max_rank) * (in_dim + out_dim):,} parameters without compressing "
+            f"anything. Use rank <= {max_rank} for this layer to avoid the waste.",
+            stacklevel=4,
+        )
+
+
 def check_lora_args(
     in_dim: int, out_dim: int, rank: int, alpha: float, scaling: str, dropout: float, init: str
 ) -> None:
     """Raise ValueError, saying what was given and what is allowed, for any bad argument."""
-    max_rank = min(in_dim, out_dim)
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-    if rank > max_rank:
-        raise ValueError(
-            f"rank={rank} is larger than min(in_features={in_dim}, out_features={out_dim}) = "
-            f"{max_rank}: such an update cannot have rank {rank}. Use 1 <= rank <= {max_rank}."
-        )
+    rank, max_rank = as_rank(rank), min(in_dim, out_dim)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
     if not math.isfinite(alpha):
@@ -64,6 +88,11 @@ def check_lora_args(
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}.")
+    if init == "olora" and rank > max_rank:
+        raise ValueError(
+            f"init='olora' takes its factors from a QR of the ({out_dim} x {in_dim}) weight, "
+            f"which has at most {max_rank} directions: use rank <= {max_rank} with OLoRA."
+        )
 
 
 class LoRALayer(nn.Module):
@@ -84,6 +113,8 @@ class LoRALayer(nn.Module):
     ):
         super().__init__()
         check_lora_args(in_dim, out_dim, rank, alpha, scaling, dropout, "default")
+        rank = as_rank(rank)
+        warn_if_rank_exceeds(in_dim, out_dim, rank)
         self.rank, self.alpha, self.scaling_rule = rank, alpha, scaling
         self.scaling = lora_scaling(alpha, rank, scaling)
         self.init = "default"  # set by LinearWithLoRA.add_adapter
@@ -150,7 +181,7 @@ class LinearWithLoRA(nn.Module):
         init: str = "default",
     ) -> LoRALayer:
         """Add a new named adapter (not activated)."""
-        linear = self.linear
+        linear, rank = self.linear, as_rank(rank)
         check_lora_args(
             linear.in_features, linear.out_features, rank, alpha, scaling, dropout, init
         )

@@ -69,6 +69,12 @@ def base_checkpoint_path(recipe: PretrainRecipe | None = None) -> Path:
     return artifacts_dir() / f"gpt_base_{name}.safetensors"
 
 
+def resume_checkpoint_path(recipe: PretrainRecipe | None = None) -> Path:
+    """Where an unfinished pretraining run keeps what it needs to continue (deleted once done)."""
+    path = base_checkpoint_path(recipe)
+    return path.with_name(f"{path.stem}.resume.pt")
+
+
 def sms_corpus_text() -> str:
     """The unlabelled SMS text, one message after another, each ended by ``<|endoftext|>``.
 
@@ -130,9 +136,14 @@ def run_pretraining(
     val_loaders: dict[str, DataLoader],
     device: torch.device,
     recipe: PretrainRecipe,
+    save_every: int | None = None,
 ) -> History:
     """AdamW with warm-up and cosine decay, gradient clipping, bf16 on GPUs; the checkpoint with
-    the best validation loss (all corpora together) is saved to ``base_checkpoint_path()``."""
+    the best validation loss (all corpora together) is saved to ``base_checkpoint_path()``.
+
+    Every ``save_every`` steps (default: a tenth of the run, at least ``eval_every``) the run
+    saves ``resume_checkpoint_path()``; run again with the same recipe after an interruption
+    and it continues from there to the same weights."""
     both = ConcatDataset([loader.dataset for loader in val_loaders.values()])
     optimizer = adamw(model.parameters(), recipe.lr, recipe.weight_decay, device)
     return train(
@@ -146,6 +157,8 @@ def run_pretraining(
         lr_schedule=cosine_schedule(recipe.max_steps, recipe.warmup_steps),
         checkpoint_path=base_checkpoint_path(recipe),
         checkpoint_metadata={"recipe": asdict(recipe)},
+        resume_path=resume_checkpoint_path(recipe),
+        save_every=save_every or max(recipe.eval_every, recipe.max_steps // 10),
     )
 
 
@@ -166,8 +179,12 @@ def load_base_model(device: torch.device, recipe: PretrainRecipe | None = None) 
     recipe = recipe or pretrain_recipe()
     path = base_checkpoint_path(recipe)
     shown = display_path(path)
+    resume = resume_checkpoint_path(recipe)
     if not path.exists():
         print(f"No base checkpoint at {shown}: pretraining it now, exactly as notebook 04 does.")
+        pretrain_base(device, recipe)
+    elif resume.exists():  # the checkpoint is the best so far of a run that was interrupted
+        print(f"Pretraining was interrupted ({display_path(resume)} is left): resuming it.")
         pretrain_base(device, recipe)
     elif read_checkpoint_metadata(path).get("recipe") != json.loads(json.dumps(asdict(recipe))):
         print(

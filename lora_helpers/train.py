@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 from .device import has_native_bf16
 from .model import GPTConfig, GPTModel
+from .settings import display_path
 
 CHECKPOINT_FORMAT = "lora_helpers.gpt.v1"
+RESUME_FORMAT = "lora_helpers.resume.v1"
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.device], torch.Tensor]
 
 
@@ -201,6 +203,8 @@ def train(
     eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     cuda_graphs: bool = True,
     progress: bool = True,
+    resume_path: str | Path | None = None,
+    save_every: int | None = None,
 ) -> History:
     """Train for ``max_steps`` optimizer steps, cycling through ``train_loader``.
 
@@ -213,11 +217,30 @@ def train(
     per batch shape and replayed (``GraphedStep``): the same math, without the GPU waiting for
     Python to launch every small kernel. Batches of few shapes (e.g. lengths padded to a
     multiple of 16) make the most of it. ``progress`` draws a progress bar.
+
+    With ``resume_path``, everything needed to continue (model, optimizer, step, RNG states,
+    data position, history) is saved there atomically every ``save_every`` steps (default:
+    ``eval_every``); a run started again with the same arguments continues from it to the
+    same final weights, and the file is deleted once the run completes. Exact for a train
+    loader that is not shuffled or shuffles with its own ``generator`` (as ours do).
     """
     history = History()
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     running, n_running = torch.zeros((), device=device), 0  # on the device: no sync per step
     graphed = cuda_graphs and device.type == "cuda"
+    batches = Batches(train_loader)
+    identity = json.dumps(
+        {"max_steps": max_steps, "eval_every": eval_every, "metadata": checkpoint_metadata},
+        sort_keys=True,
+        default=str,
+    )
+    first_step = 0
+    if resume_path is not None and Path(resume_path).exists():
+        first_step, history, running_sum, n_running = load_resume_state(
+            resume_path, identity, model, optimizer, batches
+        )
+        running = torch.tensor(running_sum, device=device)
+        print(f"Resuming from {display_path(resume_path)} at step {first_step} of {max_steps}.")
 
     def loss_and_grad(batch: list[torch.Tensor]) -> torch.Tensor:
         with autocast_for(device, cache_enabled=not graphed):  # capture needs no cache
@@ -227,10 +250,15 @@ def train(
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     graphed_step = GraphedStep(loss_and_grad, trainable) if graphed else None
-    start = time.perf_counter()
+    start = time.perf_counter() - history.seconds
     model.train()
-    batches = _cycle(train_loader)
-    steps = tqdm(range(max_steps), desc="training", disable=not progress)
+    steps = tqdm(
+        range(first_step, max_steps),
+        desc="training",
+        initial=first_step,
+        total=max_steps,
+        disable=not progress,
+    )
     for step in steps:
         if lr_schedule is not None:
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -261,14 +289,125 @@ def train(
                         **(checkpoint_metadata or {}),
                     )
             steps.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{val_loss:.3f}")
+        done = step + 1
+        if resume_path is not None and done % (save_every or eval_every) == 0 and done < max_steps:
+            history.seconds = time.perf_counter() - start
+            save_resume_state(
+                resume_path, identity, done, model, optimizer, batches, history, running,
+                n_running,
+            )  # fmt: skip
     history.seconds = time.perf_counter() - start
+    if resume_path is not None:
+        Path(resume_path).unlink(missing_ok=True)  # the run is complete: nothing to resume
     return history
 
 
-def _cycle(loader: Iterable):
-    """Yield batches forever, starting a new epoch (a new shuffle) whenever one ends."""
-    while True:
-        yield from loader
+class Batches:
+    """Batches forever, a new epoch (a new shuffle) whenever one ends, knowing its position:
+    the loader generator's state at the current epoch's start and the batches drawn since."""
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+        self.generator: torch.Generator | None = getattr(loader, "generator", None)
+        self.epoch_start: torch.Tensor | None = None
+        self.in_epoch = 0
+        self.iterator = None
+
+    def __next__(self):
+        if self.iterator is None:
+            self.epoch_start = None if self.generator is None else self.generator.get_state()
+            self.iterator, self.in_epoch = iter(self.loader), 0
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            if self.in_epoch == 0:
+                raise ValueError("The training loader is empty: use more data.") from None
+            self.iterator = None
+            return next(self)
+        self.in_epoch += 1
+        return batch
+
+    def position(self) -> dict:
+        """Where the next batch comes from, as ``restore`` takes it."""
+        return {"epoch_start": self.epoch_start, "in_epoch": self.in_epoch}
+
+    def restore(self, position: dict) -> None:
+        """Go back to a saved position: replay the epoch's shuffle, skip the batches drawn."""
+        if position["epoch_start"] is not None:
+            self.generator.set_state(position["epoch_start"])
+        self.iterator, self.in_epoch = None, 0
+        if position["in_epoch"]:
+            next(self)  # starts the epoch (the same shuffle), draws one batch
+        while self.in_epoch < position["in_epoch"]:
+            next(self)
+
+
+# --- resuming --------------------------------------------------------------------------------
+
+
+def save_resume_state(
+    path: str | Path,
+    identity: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+    history: History,
+    running: torch.Tensor,
+    n_running: int,
+) -> None:
+    """Write what ``train`` needs to continue after ``step``, atomically (temporary file, then
+    rename): an interrupted save leaves the previous resume file intact."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    state = {
+        "format": RESUME_FORMAT,
+        "identity": identity,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
+        "data": batches.position(),
+        "history": asdict(history),
+        "running": [running.item(), n_running],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume_state(
+    path: str | Path,
+    identity: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Batches,
+) -> tuple[int, History, float, int]:
+    """Restore a resume file into ``model``, ``optimizer``, the RNGs and ``batches``; returns
+    (step, history, running loss sum, its count). Refuses a file of another run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as err:  # a damaged file: pickle, zip or torch errors
+        raise CheckpointError(
+            f"{path} is not a readable resume checkpoint ({err}). Delete it to start over."
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise CheckpointError(f"{path} is not a resume checkpoint ({RESUME_FORMAT}).")
+    if state["identity"] != identity:
+        raise CheckpointError(
+            f"{path} was saved by another run (another recipe or step count): resuming it would "
+            f"mix two runs. Saved: {state['identity']}; now: {identity}. Delete it to start "
+            "over, or run again with the recipe it was saved with."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    batches.restore(state["data"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    running_sum, n_running = state["running"]
+    return state["step"], History(**state["history"]), running_sum, n_running
 
 
 # --- checkpoints -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_helpers import adapters as ad
+from lora_helpers.data import sha256_of
 from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, merge_lora
 from lora_helpers.model import GPTModel, gpt_config
 
@@ -115,6 +116,12 @@ def test_wrong_base_is_refused_with_what_differs(two_adapters, tmp_path):
         ad.load_adapter(make_base(), tmp_path / "spam")
 
 
+def _record_checksum(directory):
+    config = json.loads((directory / ad.CONFIG_FILE).read_text())
+    config["weights_sha256"] = sha256_of(directory / ad.WEIGHTS_FILE)
+    (directory / ad.CONFIG_FILE).write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("change", ["missing", "extra"])
 def test_missing_or_extra_tensors_are_errors(base, two_adapters, tmp_path, change):
     ad.save_adapter(two_adapters, tmp_path / "chat", name="chat")
@@ -125,6 +132,7 @@ def test_missing_or_extra_tensors_are_errors(base, two_adapters, tmp_path, chang
     else:
         tensors["trf_blocks.1.ff.fc1.lora.A"] = torch.zeros(64, 2)
     save_file(tensors, str(path))
+    _record_checksum(tmp_path / "chat")  # a consistent file from another adapter, not a corrupt one
     fresh = copy.deepcopy(base)
     with pytest.raises(
         ad.AdapterMismatchError, match="W_key.lora.B" if change == "missing" else "fc1"
@@ -221,7 +229,7 @@ def test_olora_adapter_round_trip_and_unload(base, tmp_path):
 def test_misuse_is_refused(two_adapters, tmp_path):
     with pytest.raises(ValueError, match="already has an adapter named 'chat'"):
         ad.add_adapter(two_adapters, "chat", rank=2, alpha=2, targets="fc1")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(ad.AdapterLoadError, match="adapter_config.json is missing"):
         ad.load_adapter(two_adapters, tmp_path / "nothing")
     ad.set_adapter(two_adapters, "chat")
     merge_lora(two_adapters)

@@ -186,6 +186,9 @@ def fake_hub(monkeypatch, tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(gpt2, "HUB_URL", f"http://127.0.0.1:{server.server_port}/{{repo}}/resolve")
+    monkeypatch.setattr(
+        gpt2, "CONFIG_URL", f"http://127.0.0.1:{server.server_port}/{{repo}}/config"
+    )
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path / "data"))
     yield served
@@ -198,6 +201,7 @@ def test_download_is_checked_against_the_hub_headers(fake_hub):
     assert gpt2.hub_file_info(url, timeout=5) == (7, hashlib.sha256(b"weights").hexdigest())
     path = gpt2.fetch_gpt2("124M")
     assert path == gpt2.gpt2_weights_path("124M") and path.read_bytes() == b"weights"
+    assert (path.parent / "config.json").exists()  # fetched too, for load_gpt2 to check
 
 
 @pytest.mark.parametrize("wrong", ["sha256", "size"])
