@@ -33,24 +33,32 @@ class CheckpointError(RuntimeError):
 def lm_loss(
     model: torch.nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device
 ) -> torch.Tensor:
-    """Next-token cross-entropy, averaged over every position of the batch."""
+    """Next-token cross-entropy, averaged over every position of the batch.
+
+    On a CPU with bf16 in hardware the forward pass runs in bf16: there the 50,257-way
+    vocabulary head's matrix product dominates, and bf16 makes it about twice as fast.
+    """
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
-    logits = model(inputs)
+    cpu_bf16 = device.type == "cpu" and has_native_bf16(device)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+        logits = model(inputs)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def autocast_for(device: torch.device, cache_enabled: bool = True):
-    """bf16 autocast where bf16 runs in hardware (GPUs and CPUs, see ``has_native_bf16``):
-    faster, half the activation memory; else a no-op. (CUDA graph capture needs
+    """bf16 autocast on CUDA GPUs with bf16 in hardware (faster, half the activation memory),
+    else a no-op. On a CPU, bf16 pays only for large products (see ``lm_loss``): for the
+    classifier's small ones the casts cost more than they save. (CUDA graph capture needs
     ``cache_enabled=False``.)"""
-    if has_native_bf16(device):
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+    if device.type == "cuda" and has_native_bf16(device):
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return nullcontext()
 
 
 def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; on a CUDA GPU its fused version (one kernel updates every parameter)."""
-    fused = True if device.type == "cuda" else None
+    """AdamW, fused (one kernel updates every parameter) on CUDA GPUs and CPUs: on a CPU it
+    halves the time of a full fine-tuning step, where the update of every weight dominates."""
+    fused = True if device.type in ("cuda", "cpu") else None
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_helpers.device import get_device, has_native_bf16, median_ms
-from lora_helpers.train import autocast_for
+from lora_helpers.train import autocast_for, lm_loss
 
 
 def test_device_report(capsys):
@@ -38,13 +38,15 @@ def test_bf16_autocast_only_with_bf16_in_hardware(monkeypatch, capability, nativ
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_cpu_bf16_autocast_follows_the_cpu_features(monkeypatch, native):
+def test_on_a_cpu_only_the_language_model_loss_runs_in_bf16(monkeypatch, native, tiny_model):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")
     assert has_native_bf16(cpu) is native
-    context = autocast_for(cpu)
-    assert isinstance(context, torch.autocast) is native
-    if native:
-        with context:
-            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert not isinstance(autocast_for(cpu), torch.autocast)  # small products: fp32
+    dtypes = []
+    tiny_model.out_head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    idx = torch.randint(0, 1000, (2, 8))
+    loss = lm_loss(tiny_model, (idx, idx), cpu)
+    assert dtypes == [torch.bfloat16 if native else torch.float32]
+    assert loss.dtype == torch.float32
