@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .device import has_native_bf16
@@ -213,11 +215,18 @@ def train(
     per batch shape and replayed (``GraphedStep``): the same math, without the GPU waiting for
     Python to launch every small kernel. Batches of few shapes (e.g. lengths padded to a
     multiple of 16) make the most of it. ``progress`` draws a progress bar.
+
+    Under ``torchrun``, pass the model wrapped in DistributedDataParallel and each rank's shard
+    of the batches (``lora_helpers.distributed``): rank 0 alone evaluates, calls
+    ``eval_metrics``, writes checkpoints (of the unwrapped model) and fills the history.
     """
     history = History()
+    ddp = isinstance(model, DistributedDataParallel)
+    core = model.module if ddp else model  # what is evaluated and saved
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     running, n_running = torch.zeros((), device=device), 0  # on the device: no sync per step
-    graphed = cuda_graphs and device.type == "cuda"
+    graphed = cuda_graphs and device.type == "cuda" and not ddp
 
     def loss_and_grad(batch: list[torch.Tensor]) -> torch.Tensor:
         with autocast_for(device, cache_enabled=not graphed):  # capture needs no cache
@@ -230,7 +239,7 @@ def train(
     start = time.perf_counter()
     model.train()
     batches = _cycle(train_loader)
-    steps = tqdm(range(max_steps), desc="training", disable=not progress)
+    steps = tqdm(range(max_steps), desc="training", disable=not progress or not main)
     for step in steps:
         if lr_schedule is not None:
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -240,14 +249,14 @@ def train(
         running += loss.float()
         n_running += 1
 
-        if (step + 1) % eval_every == 0 or step + 1 == max_steps:
-            val_loss = evaluate(model, val_loader, device, loss_fn, eval_batches)
+        if main and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
+            val_loss = evaluate(core, val_loader, device, loss_fn, eval_batches)
             history.steps.append(step + 1)
             history.train_loss.append(running.item() / n_running)
             history.val_loss.append(val_loss)
             history.learning_rate.append(optimizer.param_groups[0]["lr"])
             if eval_metrics is not None:
-                history.metrics.append(eval_metrics(model))
+                history.metrics.append(eval_metrics(core))
                 model.train()
             running, n_running = torch.zeros((), device=device), 0
             if val_loss < history.best_val_loss:
@@ -255,7 +264,7 @@ def train(
                 if checkpoint_path is not None:
                     save_checkpoint(
                         checkpoint_path,
-                        model,
+                        core,
                         step=step + 1,
                         val_loss=val_loss,
                         **(checkpoint_metadata or {}),
