@@ -56,12 +56,12 @@ def rank_and_world_size() -> tuple[int, int]:
 
 
 def init_distributed() -> torch.device:
-    """Join the process group that ``torchrun`` describes in the environment (NCCL on GPUs,
-    gloo on CPUs) and return this rank's device; run alone, just the best device."""
+    """Join the process group that ``torchrun`` describes in the environment (NCCL with one GPU
+    per process, else gloo on CPUs) and return this rank's device; alone, the best device."""
     if "LOCAL_RANK" not in os.environ:
         return get_device()
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    if int(os.environ["LOCAL_WORLD_SIZE"]) <= torch.cuda.device_count():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
     loaders["train"] = shard_loader(loaders["train"], rank, world_size)
     model = prepare_variant(base, args.variant, recipe).to(device)
+    torch.manual_seed(recipe.seed + rank)  # the same initial weights, each rank its own dropout
     trained, meter = model, None
     if world_size > 1:
         trained = wrap(model, device)
