@@ -180,10 +180,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = init_distributed()
     rank, world_size = rank_and_world_size()
-    recipe = finetune_recipe()
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size}
-    overrides["max_messages"] = args.max_messages
-    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    given = dict(epochs=args.epochs, batch_size=args.batch_size, max_messages=args.max_messages)
+    recipe = replace(finetune_recipe(), **{k: v for k, v in given.items() if v is not None})
     with redirect_stdout(sys.stdout if rank == 0 else None):  # one log, from rank 0
         if rank != 0:
             dist.barrier()  # rank 0 pretrains the base first if it is missing

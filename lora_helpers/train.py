@@ -218,7 +218,8 @@ def train(
 
     Under ``torchrun``, pass the model wrapped in DistributedDataParallel and each rank's shard
     of the batches (``lora_helpers.distributed``): rank 0 alone evaluates, calls
-    ``eval_metrics``, writes checkpoints (of the unwrapped model) and fills the history.
+    ``eval_metrics``, writes checkpoints (of the unwrapped model) and fills the history (its
+    training loss is that of rank 0's shards).
     """
     history = History()
     ddp = isinstance(model, DistributedDataParallel)
