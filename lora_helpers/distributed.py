@@ -6,8 +6,8 @@ the gradients of the trainable parameters across processes with an all-reduce, s
 takes the same optimizer step. With LoRA, that all-reduce carries only the adapters and the
 head. Gloo runs it between CPU processes, NCCL between GPUs.
 
-    torchrun --nproc_per_node 2 -m lora_helpers.distributed --variant lora-r16 --out runs/r16
-    python -m lora_helpers.distributed --variant lora-r16 --out runs/r16   # one process
+    torchrun --standalone --nproc_per_node 2 -m lora_helpers.distributed --out runs/r16
+    python -m lora_helpers.distributed --out runs/r16   # one process (default: lora-r16)
 """
 
 from __future__ import annotations
