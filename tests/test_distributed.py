@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from torch import distributed as dist
 from torch.utils.data import DataLoader
 
@@ -16,7 +17,7 @@ from lora_helpers import train as train_module
 from lora_helpers.data import LengthBucketSampler, pad_collate
 from lora_helpers.lora import apply_lora
 from lora_helpers.model import GPTModel, gpt_config
-from lora_helpers.train import adamw, train
+from lora_helpers.train import History, adamw, train
 
 CPU = torch.device("cpu")
 BATCH, STEPS = 4, 3
@@ -48,11 +49,11 @@ def lora_classifier() -> GPTModel:
     return model
 
 
-def fit(model, train_loader, loss_fn) -> None:
+def fit(model, train_loader, loss_fn, checkpoint_path=None) -> History:
     params = [p for p in model.parameters() if p.requires_grad]
     # In fp32: bf16 autocast (on CPUs with bf16 in hardware) would round far above 1e-5.
     with mock.patch.object(train_module, "has_native_bf16", return_value=False):
-        train(
+        return train(
             model,
             train_loader,
             loader(),
@@ -61,6 +62,7 @@ def fit(model, train_loader, loss_fn) -> None:
             max_steps=STEPS,
             eval_every=2,
             loss_fn=loss_fn,
+            checkpoint_path=checkpoint_path,
             progress=False,
         )
 
@@ -72,9 +74,11 @@ def two_rank_worker(rank: int, world_size: int, port: int, out: str) -> None:
     model = lora_classifier()
     ddp = dd.wrap(model, CPU)
     meter = dd.measure_allreduce(ddp)
-    fit(ddp, dd.shard_loader(loader(), rank, world_size), dd.ddp_classification_loss)
-    if rank == 0:
-        torch.save({"weights": ft.trainable_state_dict(model), "bytes": meter.bytes}, out)
+    shards = dd.shard_loader(loader(), rank, world_size)
+    checkpoint = f"{out}.safetensors"  # every rank is given it, rank 0 alone writes it
+    history = fit(ddp, shards, dd.ddp_classification_loss, checkpoint)
+    weights = ft.trainable_state_dict(model)
+    torch.save({"weights": weights, "bytes": meter.bytes, "steps": history.steps}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -85,9 +89,9 @@ def free_port() -> int:
 
 
 def test_two_processes_on_shards_equal_one_process_on_the_whole_batch(tmp_path):
-    out = tmp_path / "rank0.pt"
+    out = tmp_path / "run"
     mp.spawn(two_rank_worker, args=(2, free_port(), str(out)), nprocs=2)
-    two = torch.load(out)
+    two, other = torch.load(f"{out}.0"), torch.load(f"{out}.1")
 
     alone = lora_classifier()
     fit(alone, loader(), ft.classification_loss)
@@ -96,6 +100,11 @@ def test_two_processes_on_shards_equal_one_process_on_the_whole_batch(tmp_path):
     assert one.keys() == two["weights"].keys()
     for name, weight in one.items():
         torch.testing.assert_close(two["weights"][name], weight, atol=1e-5, rtol=0, msg=name)
+    for name in one:  # the ranks stay identical
+        torch.testing.assert_close(other["weights"][name], two["weights"][name], atol=0, rtol=0)
+    # Rank 0 alone evaluated (after steps 2 and 3) and wrote the checkpoint, of the plain model.
+    assert two["steps"] == [2, STEPS] and other["steps"] == []
+    assert not any(key.startswith("module.") for key in load_file(f"{out}.safetensors"))
     # DDP's buckets hold only the trainable parameters: each step all-reduces their gradients.
     assert two["bytes"] == STEPS * dd.gradient_bytes(alone)
     assert dd.gradient_bytes(alone) < sum(4 * p.numel() for p in alone.parameters()) / 10
