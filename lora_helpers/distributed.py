@@ -64,7 +64,7 @@ def init_distributed() -> torch.device:
     if int(os.environ["LOCAL_WORLD_SIZE"]) <= torch.cuda.device_count():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl")
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
