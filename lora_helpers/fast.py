@@ -53,7 +53,7 @@ class Levers:
             raise ValueError("Use cuda_graphs or compile, not both.")
 
     def uses_bf16(self, device: torch.device) -> bool:
-        return self.bf16 and has_native_bf16(device)
+        return self.bf16 and device.type == "cuda" and has_native_bf16(device)
 
 
 NAIVE = Levers(

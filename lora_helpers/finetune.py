@@ -24,7 +24,7 @@ from .data import LABEL_IDS, Message
 from .lora import apply_lora, freeze_except_lora
 from .model import GPTModel, count_parameters
 from .settings import artifacts_dir, is_quick
-from .train import History, adamw, autocast_for, train
+from .train import History, LossFn, adamw, autocast_for, train
 
 VARIANTS = ("head", "last-block", "full", "lora-r8", "lora-r16")
 LABEL_NAMES = {index: name for name, index in LABEL_IDS.items()}
@@ -165,9 +165,11 @@ def finetune(
     device: torch.device,
     recipe: FinetuneRecipe,
     lr: float,
+    loss_fn: LossFn = classification_loss,
 ) -> History:
     """AdamW on the trainable parameters for ``recipe.epochs`` epochs, evaluating every epoch
-    (validation loss, and training/validation accuracy in ``history.metrics``)."""
+    (validation loss, and training/validation accuracy in ``history.metrics``; under torchrun,
+    rank 0 measures the training accuracy on its shard)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, lr, recipe.weight_decay, device)
     steps_per_epoch = len(loaders["train"])
@@ -187,7 +189,7 @@ def finetune(
         device,
         max_steps=recipe.epochs * steps_per_epoch,
         eval_every=steps_per_epoch,
-        loss_fn=classification_loss,
+        loss_fn=loss_fn,
         eval_metrics=accuracies,
     )
 

@@ -224,9 +224,8 @@ def _module_order(module: str) -> tuple[int, int]:
 
 
 def is_peft_adapter(directory: str | Path) -> bool:
-    """True if ``directory`` holds a PEFT adapter (its config names a ``peft_type``)."""
-    path = Path(directory) / ad.CONFIG_FILE
-    return path.exists() and "peft_type" in json.loads(path.read_text())
+    """True if ``directory`` holds a PEFT adapter (PEFT's weights file, not ours)."""
+    return (Path(directory) / PEFT_WEIGHTS_FILE).exists()
 
 
 def load_peft_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
@@ -234,7 +233,14 @@ def load_peft_adapter(model: nn.Module, directory: str | Path, name: str = "defa
     it active. A PEFT file records no fingerprint, so the base cannot be checked: load it onto
     the GPT-2 weights it was trained on. Raises PeftFormatError for what does not map exactly."""
     directory = Path(directory)
-    config = json.loads((directory / ad.CONFIG_FILE).read_text())
+    path = directory / ad.CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise PeftFormatError(
+            f"{path} is not a readable PEFT adapter config ({err}): save the adapter again "
+            "with save_pretrained (PEFT) or save_adapter(..., format='peft')."
+        ) from err
     _check_peft_config(config)
     if name in ad.adapter_names(model):
         raise ValueError(f"The model already has an adapter named {name!r}.")

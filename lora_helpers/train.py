@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .device import has_native_bf16
@@ -231,11 +233,19 @@ def train(
     ``eval_every``); a run started again with the same arguments continues from it to the
     same final weights, and the file is deleted once the run completes. Exact for a train
     loader that is not shuffled or shuffles with its own ``generator`` (as ours do).
+
+    Under ``torchrun``, pass the model wrapped in DistributedDataParallel and each rank's shard
+    of the batches (``lora_helpers.distributed``): rank 0 alone evaluates, calls
+    ``eval_metrics``, writes checkpoints (of the unwrapped model) and fills the history (its
+    training loss is that of rank 0's shards).
     """
     history = History()
+    ddp = isinstance(model, DistributedDataParallel)
+    core = model.module if ddp else model  # what is evaluated and saved
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     running, n_running = torch.zeros((), device=device), 0  # on the device: no sync per step
-    graphed = cuda_graphs and device.type == "cuda"
+    graphed = cuda_graphs and device.type == "cuda" and not ddp
     batches = Batches(train_loader)
     identity = json.dumps(
         {"max_steps": max_steps, "eval_every": eval_every, "metadata": checkpoint_metadata},
@@ -265,7 +275,7 @@ def train(
         desc="training",
         initial=first_step,
         total=max_steps,
-        disable=not progress,
+        disable=not progress or not main,
     )
     for step in steps:
         if lr_schedule is not None:
@@ -276,14 +286,14 @@ def train(
         running += loss.float()
         n_running += 1
 
-        if (step + 1) % eval_every == 0 or step + 1 == max_steps:
-            val_loss = evaluate(model, val_loader, device, loss_fn, eval_batches)
+        if main and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
+            val_loss = evaluate(core, val_loader, device, loss_fn, eval_batches)
             history.steps.append(step + 1)
             history.train_loss.append(running.item() / n_running)
             history.val_loss.append(val_loss)
             history.learning_rate.append(optimizer.param_groups[0]["lr"])
             if eval_metrics is not None:
-                history.metrics.append(eval_metrics(model))
+                history.metrics.append(eval_metrics(core))
                 model.train()
             running, n_running = torch.zeros((), device=device), 0
             if val_loss < history.best_val_loss:
@@ -291,14 +301,15 @@ def train(
                 if checkpoint_path is not None:
                     save_checkpoint(
                         checkpoint_path,
-                        model,
+                        core,
                         step=step + 1,
                         val_loss=val_loss,
                         **(checkpoint_metadata or {}),
                     )
             steps.set_postfix(train=f"{history.train_loss[-1]:.3f}", val=f"{val_loss:.3f}")
         done = step + 1
-        if resume_path is not None and done % (save_every or eval_every) == 0 and done < max_steps:
+        resumable = resume_path is not None and main and done < max_steps
+        if resumable and done % (save_every or eval_every) == 0:
             history.seconds = time.perf_counter() - start
             save_resume_state(
                 resume_path, identity, done, model, optimizer, batches, history, running,
