@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -58,3 +63,57 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 21)
         sync()
         times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]
+
+
+def resident_mib() -> float | None:
+    """This process's resident memory (RSS) in MiB, read from ``/proc`` (Linux); else None."""
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        return None
+    return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed but kept by C's allocator back to the system (glibc's
+    ``malloc_trim``), so that a resident-memory measurement starts from what is really used."""
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
+
+
+class PeakMemory:
+    """Peak memory used while the ``with`` block runs, in MiB (``.mib``): the CUDA allocator's
+    peak on a GPU; on a CPU, the peak resident memory above where it started, sampled every
+    few milliseconds by a thread (Linux; ``None`` elsewhere)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device, self.interval = device, interval
+        self.mib: float | None = None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            release_freed_memory()
+            self._start = self._peak = resident_mib()
+            if self._start is not None:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, resident_mib())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._start
+        elif self._start is not None:
+            self._stop.set()
+            self._thread.join()
+            self.mib = max(self._peak, resident_mib()) - self._start

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import LABEL_IDS, Message
+from .device import PeakMemory
 from .lora import apply_lora, freeze_except_lora
 from .model import GPTModel, count_parameters
 from .settings import artifacts_dir, is_quick
@@ -224,7 +225,7 @@ class VariantResult:
     test_acc: float
     unseen_test_acc: float
     trainable_params: int
-    peak_mem_mib: float | None  # None on CPU (not measured)
+    peak_mem_mib: float | None  # above the start: allocator peak on a GPU, RSS on a CPU
     seconds: float
     saved_mib: float
     history: History
@@ -238,15 +239,14 @@ def run_variant(
     device: torch.device,
     recipe: FinetuneRecipe,
 ) -> tuple[GPTModel, VariantResult]:
-    """Prepare, fine-tune and measure one variant. Keep ``base`` on the CPU so the measured
-    peak GPU memory is this variant's alone."""
-    model = prepare_variant(base, variant, recipe)
+    """Prepare, fine-tune and measure one variant. Keep ``base`` on the CPU: the peak memory
+    measured (``PeakMemory``: the GPU allocator's, or the CPU's resident memory) is then what
+    this variant adds, from its copy of the model to its gradients, optimizer and activations."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    model.to(device)
-    history = finetune(model, loaders, device, recipe, recipe.learning_rate(variant))
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    with PeakMemory(device) as peak:
+        model = prepare_variant(base, variant, recipe).to(device)
+        history = finetune(model, loaders, device, recipe, recipe.learning_rate(variant))
     predictions, truth = predict(model, loaders["test"], device)
     correct = predictions == truth
     unseen = unseen_test_mask(split)
@@ -255,7 +255,7 @@ def run_variant(
         test_acc=correct.float().mean().item(),
         unseen_test_acc=correct[unseen].float().mean().item(),
         trainable_params=count_parameters(model, trainable_only=True),
-        peak_mem_mib=peak,
+        peak_mem_mib=peak.mib,
         seconds=history.seconds,
         saved_mib=saved_bytes(trainable_state_dict(model)) / 2**20,
         history=history,
@@ -273,9 +273,9 @@ def results_path() -> Path:
     return artifacts_dir() / "finetune_results.json"
 
 
-def save_results(results: dict[str, VariantResult], device: torch.device) -> Path:
-    """Save the comparison table (without training histories) and the device it ran on."""
-    rows = [{k: v for k, v in asdict(r).items() if k != "history"} for r in results.values()]
+def save_results(results: list[VariantResult], device: torch.device) -> Path:
+    """Save the comparison's runs (without training histories) and the device they ran on."""
+    rows = [{k: v for k, v in asdict(r).items() if k != "history"} for r in results]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     path = results_path()
     path.write_text(json.dumps({"device": name, "results": rows}, indent=2))

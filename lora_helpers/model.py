@@ -39,7 +39,10 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-355M": GPTConfig(emb_dim=1024, n_layers=24, n_heads=16, qkv_bias=True),
     "gpt2-774M": GPTConfig(emb_dim=1280, n_layers=36, n_heads=20, qkv_bias=True),
     "gpt2-1558M": GPTConfig(emb_dim=1600, n_layers=48, n_heads=25, qkv_bias=True),
-    # Our from-scratch base (notebook 04): 30M parameters, 256-token context (SMS fits easily).
+    # Our from-scratch base (notebook 04), sized to pretrain on a 2-core CPU in minutes: 7M
+    # parameters, most of them in the token embedding; 128 tokens hold nearly every SMS.
+    "scratch-7M": GPTConfig(context_length=128, emb_dim=128, n_layers=4, n_heads=4),
+    # A larger from-scratch base for a GPU: 30M parameters, 256-token context.
     "scratch-30M": GPTConfig(context_length=256, emb_dim=384, n_layers=6, n_heads=6, drop_rate=0.1),
     # A tiny model for quick mode (CI) and tests.
     "scratch-tiny": GPTConfig(context_length=64, emb_dim=64, n_layers=2, n_heads=2),

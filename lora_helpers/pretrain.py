@@ -7,7 +7,7 @@ which loads the saved checkpoint or, if there is none, pretrains it again with a
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import tiktoken
@@ -24,18 +24,22 @@ from .train import History, adamw, cosine_schedule, load_checkpoint, read_checkp
 
 @dataclass(frozen=True)
 class PretrainRecipe:
-    """Model size and training budget for pretraining the base model."""
+    """Model size and training budget for pretraining the base model.
 
-    preset: str = "scratch-30M"
-    dropout: float = 0.2  # the corpus is small (~0.5M tokens): regularise
+    The default is the collection's base, sized so that a 2-core CPU pretrains it in about ten
+    minutes (notebook 04 shows the candidates measured); a GPU runs the very same recipe.
+    """
+
+    preset: str = "scratch-7M"
+    dropout: float = 0.0  # about four passes over the text: dropout would cost more than it saves
     batch_size: int = 32
-    max_steps: int = 3000
-    lr: float = 6e-4
+    max_steps: int = 200
+    lr: float = 2e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 100
-    eval_every: int = 100
+    warmup_steps: int = 20
+    eval_every: int = 25
     val_fraction: float = 0.1
-    max_train_tokens: int | None = None  # cap per corpus (quick mode only)
+    max_train_tokens: int | None = 105_000  # per corpus: as much Shakespeare as SMS text
     corpora: tuple[str, ...] = ("shakespeare", "sms")  # notebook 06 ablates this choice
     seed: int = 123
 
@@ -43,13 +47,22 @@ class PretrainRecipe:
 FULL_RECIPE = PretrainRecipe()
 QUICK_RECIPE = PretrainRecipe(
     preset="scratch-tiny",
-    dropout=0.0,
     batch_size=8,
     max_steps=40,
     lr=3e-3,
     warmup_steps=5,
     eval_every=20,
     max_train_tokens=20_000,
+)
+# The larger from-scratch base for a GPU (about 3,000 steps of 32 x 256 tokens).
+LARGE_RECIPE = PretrainRecipe(
+    preset="scratch-30M",
+    dropout=0.2,
+    max_steps=3000,
+    lr=6e-4,
+    warmup_steps=100,
+    eval_every=100,
+    max_train_tokens=None,
 )
 
 
@@ -58,14 +71,27 @@ def pretrain_recipe() -> PretrainRecipe:
     return QUICK_RECIPE if is_quick() else FULL_RECIPE
 
 
+def ablation_recipe(corpora: tuple[str, ...]) -> PretrainRecipe:
+    """The base's recipe on ``corpora`` with a quarter of its steps: what notebook 06's
+    ablation and notebook 04's exercises compare, like with like, at a quarter of the cost."""
+    recipe = pretrain_recipe()
+    return replace(recipe, corpora=corpora, max_steps=recipe.max_steps // 4)
+
+
 def base_checkpoint_path(recipe: PretrainRecipe | None = None) -> Path:
     """Where the pretrained base model is saved (``artifacts/``, or ``artifacts/quick/``).
 
-    The collection's base is ``gpt_base_scratch``; a base pretrained on other corpora (for the
-    ablation in notebook 06) is named after them, e.g. ``gpt_base_shakespeare``.
+    The collection's base is ``gpt_base_scratch``; a base pretrained with another preset,
+    other corpora or another number of steps is named after them, e.g.
+    ``gpt_base_shakespeare_50steps`` or ``gpt_base_scratch-30M``.
     """
-    corpora = (recipe or pretrain_recipe()).corpora
-    name = "scratch" if corpora == PretrainRecipe.corpora else "+".join(corpora)
+    recipe = recipe or pretrain_recipe()
+    default = QUICK_RECIPE if recipe.preset == QUICK_RECIPE.preset else FULL_RECIPE
+    name = "scratch" if recipe.corpora == default.corpora else "+".join(recipe.corpora)
+    if recipe.preset != default.preset:
+        name = recipe.preset if name == "scratch" else f"{recipe.preset}_{name}"
+    if recipe.max_steps != default.max_steps and recipe.preset == default.preset:
+        name += f"_{recipe.max_steps}steps"
     return artifacts_dir() / f"gpt_base_{name}.safetensors"
 
 
@@ -199,17 +225,21 @@ def load_base_model(device: torch.device, recipe: PretrainRecipe | None = None) 
     return model
 
 
-BASES = ("scratch", "gpt2-124M", "gpt2-355M", "gpt2-774M", "gpt2-1558M")
+BASES = ("scratch", "scratch-30M", "gpt2-124M", "gpt2-355M", "gpt2-774M", "gpt2-1558M")
 
 
 def choose_base(name: str, device: torch.device) -> tuple[GPTModel, str]:
     """The base model called ``name`` and the name actually used.
 
-    ``"scratch"`` is notebook 04's model; ``"gpt2-124M"`` etc. are OpenAI's GPT-2 weights, which
-    need the network once: offline, this says so in one line and returns the scratch base.
+    ``"scratch"`` is notebook 04's model; ``"scratch-30M"`` a larger one pretrained the same way
+    for longer (``LARGE_RECIPE``: minutes on a GPU, hours on a CPU); ``"gpt2-124M"`` etc. are
+    OpenAI's GPT-2 weights, which need the network once: offline, this says so in one line and
+    returns the scratch base.
     """
     if name not in BASES:
         raise ValueError(f"Unknown base {name!r}; choose one of {BASES}")
+    if name == "scratch-30M":
+        return load_base_model(device, QUICK_RECIPE if is_quick() else LARGE_RECIPE), name
     if name != "scratch":
         try:
             return load_gpt2(name.removeprefix("gpt2-"), device), name

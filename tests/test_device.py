@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from lora_helpers.device import get_device, has_native_bf16, median_ms
+from lora_helpers.device import PeakMemory, get_device, has_native_bf16, median_ms, resident_mib
 from lora_helpers.train import autocast_for, lm_loss
 
 
@@ -50,3 +50,16 @@ def test_on_a_cpu_only_the_language_model_loss_runs_in_bf16(monkeypatch, native,
     loss = lm_loss(tiny_model, (idx, idx), cpu)
     assert dtypes == [torch.bfloat16 if native else torch.float32]
     assert loss.dtype == torch.float32
+
+
+@pytest.mark.skipif(resident_mib() is None, reason="resident memory is read from /proc (Linux)")
+def test_peak_memory_on_the_cpu_sees_a_short_lived_allocation():
+    cpu = torch.device("cpu")
+    with PeakMemory(cpu, interval=0.001) as idle:
+        time.sleep(0.02)
+    with PeakMemory(cpu, interval=0.001) as busy:
+        x = torch.ones(50_000_000)  # 191 MiB, touched
+        time.sleep(0.05)
+        del x
+    assert idle.mib is not None and idle.mib < 20
+    assert 170 < busy.mib < 260

@@ -33,9 +33,14 @@ def test_corpora_are_split_without_overlap():
     recipe = pretrain.FULL_RECIPE
     corpora = pretrain.pretraining_corpora(get_tokenizer(), recipe)
     assert set(corpora) == {"shakespeare", "sms"}
-    shakespeare = corpora["shakespeare"]
-    assert len(shakespeare["train"]) + len(shakespeare["val"]) == 338_025
-    assert len(shakespeare["val"]) == 338_025 - int(338_025 * 0.9)
+    shakespeare, sms = corpora["shakespeare"], corpora["sms"]
+    assert len(shakespeare["train"]) == recipe.max_train_tokens  # as much Shakespeare as SMS
+    assert len(sms["train"]) <= recipe.max_train_tokens
+    whole = pretrain.pretraining_corpora(get_tokenizer(), pretrain.LARGE_RECIPE)["shakespeare"]
+    assert len(whole["train"]) + len(whole["val"]) == 338_025
+    assert len(whole["val"]) == 338_025 - int(338_025 * 0.9)
+    assert torch.equal(shakespeare["train"], whole["train"][: recipe.max_train_tokens])
+    assert torch.equal(shakespeare["val"], whole["val"][: len(shakespeare["val"])])
 
 
 def test_quick_pretraining_saves_a_base_that_later_notebooks_load(monkeypatch, tmp_path, capsys):
@@ -59,19 +64,29 @@ def test_a_checkpoint_from_another_recipe_is_rebuilt(monkeypatch, tmp_path, caps
     device = torch.device("cpu")
     pretrain.load_base_model(device, recipe)
     capsys.readouterr()
-    longer = dataclasses.replace(recipe, max_steps=4)
-    pretrain.load_base_model(device, longer)
+    slower = dataclasses.replace(recipe, lr=recipe.lr / 2)  # same file name, another recipe
+    assert pretrain.base_checkpoint_path(slower) == pretrain.base_checkpoint_path(recipe)
+    pretrain.load_base_model(device, slower)
     assert "another recipe" in capsys.readouterr().out
-    meta = read_checkpoint_metadata(pretrain.base_checkpoint_path(longer))
-    assert meta["recipe"]["max_steps"] == 4
+    meta = read_checkpoint_metadata(pretrain.base_checkpoint_path(slower))
+    assert meta["recipe"]["lr"] == recipe.lr / 2
 
 
-def test_ablation_bases_have_their_own_checkpoint_and_corpora():
+def test_ablation_bases_have_their_own_checkpoint_and_corpora(monkeypatch):
+    monkeypatch.setenv("LORA_QUICK", "0")
     recipe = dataclasses.replace(pretrain.FULL_RECIPE, corpora=("shakespeare",))
     assert pretrain.base_checkpoint_path(recipe).name == "gpt_base_shakespeare.safetensors"
     assert (
         pretrain.base_checkpoint_path(pretrain.FULL_RECIPE).name == "gpt_base_scratch.safetensors"
     )
+    short = pretrain.ablation_recipe(("shakespeare",))
+    assert short.max_steps == pretrain.FULL_RECIPE.max_steps // 4
+    assert dataclasses.replace(short, corpora=recipe.corpora, max_steps=recipe.max_steps) == recipe
+    assert pretrain.base_checkpoint_path(short).name == "gpt_base_shakespeare_50steps.safetensors"
+    both = pretrain.ablation_recipe(pretrain.FULL_RECIPE.corpora)
+    assert pretrain.base_checkpoint_path(both).name == "gpt_base_scratch_50steps.safetensors"
+    large = pretrain.base_checkpoint_path(pretrain.LARGE_RECIPE)
+    assert large.name == "gpt_base_scratch-30M.safetensors"
     corpora = pretrain.pretraining_corpora(get_tokenizer(), recipe)
     assert list(corpora) == ["shakespeare"]
     with pytest.raises(ValueError, match="Unknown pretraining corpora"):
