@@ -1,14 +1,12 @@
-"""The collection as a whole: badges, setup cells, exercises and solutions, and every notebook
-running on its own in a fresh folder (quick mode), as a student opening it cold would run it."""
+"""The collection as a whole: badges, setup cells, exercises and solutions, run_all's stamps and
+the README's timing table. (nbval executes every notebook once, each cold: see conftest.py.)"""
 
 import importlib.util
 import re
-import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -51,21 +49,6 @@ def test_each_notebook_has_exercises_and_worked_solutions(path):
     nb = nbformat.read(path, as_version=4)
     assert "**Exercises**" in nb.cells[-1].source
     assert (ROOT / "notebooks" / "solutions" / f"{path.stem}_solutions.ipynb").exists()
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=ids(NOTEBOOKS))
-def test_notebook_runs_alone_in_a_fresh_folder(path, tmp_path, monkeypatch):
-    """No earlier notebook has run and no artifact exists: the notebook must rebuild or download
-    what it needs (quick mode; the data comes from LORA_DATA_DIR when set, as offline in CI)."""
-    monkeypatch.setenv("LORA_QUICK", "1")
-    monkeypatch.delenv("LORA_ARTIFACTS_DIR", raising=False)
-    copy = tmp_path / path.name
-    shutil.copy(path, copy)
-    nb = nbformat.read(copy, as_version=4)
-    NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    assert not (tmp_path / "images").exists() or not any((tmp_path / "images").glob("*.png"))
 
 
 def test_run_all_keeps_the_executed_copy_of_a_failing_notebook(tmp_path):

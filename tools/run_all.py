@@ -4,6 +4,7 @@ refreshed), stamping each with how it ran and reporting the time each took.
     python tools/run_all.py                  # full mode: what the committed outputs come from
     LORA_QUICK=1 python tools/run_all.py     # quick mode, minutes on any CPU
     python tools/run_all.py --only 04 06 --out /tmp/executed   # some notebooks, elsewhere
+    python tools/run_all.py --solutions --only 04_pretraining_solutions   # one solution
     python tools/run_all.py --table          # only rewrite the README's timing table
 
 Each executed notebook's metadata gets a ``lora_from_scratch`` stamp (mode, device, torch
@@ -135,7 +136,13 @@ def update_readme(readme: Path = ROOT / "README.md") -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", default=None, help="notebook numbers, e.g. 04 06")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="starts of notebook names, e.g. 04 06 (with --solutions, also their solutions), "
+        "or 04_pretraining_solutions",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = notebook_paths(args.solutions)
     if args.only:
-        paths = [p for p in paths if p.name[:2] in args.only]
+        paths = [p for p in paths if p.name.startswith(tuple(args.only))]
     mode = "quick" if os.environ.get("LORA_QUICK") == "1" else "full"
     print(f"Running {len(paths)} notebooks in {mode} mode on {device_name()}")
     times, failed = {}, {}
