@@ -39,15 +39,10 @@ def has_native_bf16(device: torch.device) -> bool:
     Elsewhere (Colab's free T4, most laptops) bf16 is emulated, slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
-    if device.type == "cpu":
-        return cpu_has_native_bf16()
+    if device.type == "cpu":  # PyTorch's own CPU feature checks (absent in old versions)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     return False
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX instructions (PyTorch's own CPU feature checks)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 21) -> float:
@@ -95,6 +90,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # cached blocks of earlier work do not count
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device) / 2**20
         else:

@@ -242,8 +242,6 @@ def run_variant(
     """Prepare, fine-tune and measure one variant. Keep ``base`` on the CPU: the peak memory
     measured (``PeakMemory``: the GPU allocator's, or the CPU's resident memory) is then what
     this variant adds, from its copy of the model to its gradients, optimizer and activations."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     with PeakMemory(device) as peak:
         model = prepare_variant(base, variant, recipe).to(device)
         history = finetune(model, loaders, device, recipe, recipe.learning_rate(variant))
