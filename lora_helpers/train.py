@@ -72,19 +72,23 @@ def evaluate(
     loss_fn: LossFn = lm_loss,
     max_batches: int | None = None,
 ) -> float:
-    """Mean loss over (at most ``max_batches`` of) ``loader``, in eval mode."""
+    """Mean loss per target over (at most ``max_batches`` of) ``loader``, in eval mode: each
+    batch's mean loss weighs as many targets as it has (``batch[-1]``: B×T next tokens, or B
+    labels), so a short last batch counts no more than its messages."""
     was_training = model.training
     model.eval()
-    losses = []
+    total, targets = torch.zeros((), device=device), 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         with autocast_for(device):
-            losses.append(loss_fn(model, batch, device).item())
+            loss = loss_fn(model, batch, device)
+        total += loss.float() * batch[-1].numel()
+        targets += batch[-1].numel()
     model.train(was_training)
-    if not losses:
+    if not targets:
         raise ValueError("The evaluation loader is empty: use more data or a smaller batch size.")
-    return sum(losses) / len(losses)
+    return total.item() / targets
 
 
 def cosine_schedule(max_steps: int, warmup_steps: int, min_ratio: float = 0.1):

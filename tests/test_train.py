@@ -131,3 +131,17 @@ def test_cuda_graphs_train_like_eager_steps_across_batch_shapes():
     assert graphed.val_loss[-1] < graphed.val_loss[0]
     for a, b in zip(eager_params, graphed_params, strict=True):  # a lost step would move ~3e-3
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_evaluate_weighs_each_batch_by_its_targets():
+    """A short last batch counts as many targets as it holds, not as much as a full batch."""
+    torch.manual_seed(0)
+    model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16))
+    batches = lm_batches(3, (8,))
+    batches[-1] = tuple(t[:1] for t in batches[-1])  # 4 + 4 + 1 sequences
+    cpu = torch.device("cpu")
+    whole = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    expected = evaluate(model, [whole], cpu)
+    assert evaluate(model, batches, cpu) == pytest.approx(expected, rel=1e-5)
+    per_batch_mean = sum(evaluate(model, [b], cpu) for b in batches) / len(batches)
+    assert per_batch_mean != pytest.approx(expected, rel=1e-3)  # what the old average gave
