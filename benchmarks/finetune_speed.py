@@ -1,123 +1,95 @@
-"""How fast does our spam classifier fine-tune? Naive LoRA, our fast path, full, PEFT (issue 7).
+"""How fast does notebook 06's spam classifier fine-tune? Naive LoRA, ours (LoRA and full), PEFT.
 
-One process, the same data, the same seed and the same base for every variant:
+One process, the same base, the same batches (one loader, sampler and seed), the same epochs,
+every run through the notebooks' own loop (``finetune.finetune`` → ``train.train``):
 
 1. ``naive-lora``: the LoRA layer exactly as notebook 05 first shows it (``alpha * (x @ A @ B)``)
-   on every linear layer of the blocks, fp32, explicit attention, every message padded to the
-   training set's longest, the head on every position, plain AdamW, ``loss.item()`` each step
-   (``lora_helpers.fast.NAIVE``);
-2. ``fast-lora``: our default path, ``finetune.prepare_variant(base, "lora-r16")`` (rank 16,
-   alpha 16, every linear layer of the blocks) trained with ``lora_helpers.fast.FAST``;
-3. ``fast-full``: every weight trained on the same fast path;
-4. ``peft-lora``: Hugging Face PEFT LoRA (rank 16, alpha 16 on c_attn, c_proj, c_fc) on
-   transformers' GPT2ForSequenceClassification, given the same batches, bf16 autocast and fused
-   AdamW as the fast path; skipped when peft or transformers is not installed.
+   on every linear layer of the blocks, with every speed-up switched off
+   (``benchmarks.levers.NAIVE``: explicit attention, every message padded to the training set's
+   longest, the head on every position, plain AdamW, no autocast, no CUDA graphs);
+2. ``ours-lora``: ``finetune.prepare_variant(base, "lora-r16")`` trained by ``finetune.finetune``
+   (rank 16, alpha 16, every linear layer of the blocks, q/k/v as three layers);
+3. ``ours-full``: every weight, the same way;
+4. ``peft-lora``: Hugging Face PEFT LoRA (rank 16, alpha 16) on ``transformers``'
+   GPT2ForSequenceClassification holding the same base weights (``peft_format.to_transformers``)
+   and our head's initial weights, trained by ``finetune.finetune`` with a loss that calls it
+   (fused AdamW, bf16 autocast on a CUDA GPU, no CUDA graphs). Like for like: PEFT targets every
+   linear layer of the blocks too, ``c_attn``, ``attn.c_proj``, ``c_fc`` and ``mlp.c_proj``,
+   but GPT-2 fuses q/k/v into one ``c_attn`` (d → 3d), whose adapter has r·(d + 3d) parameters
+   where our three separate ones have 3·r·(d + d): per block 16·r·d trainable against our 18·r·d
+   (and its head has no bias). Skipped when peft or transformers is not installed.
 
-The base is a freshly initialised GPT (speed does not depend on the weights' values) with a new
-2-class head; batch size 8, AdamW with weight decay 0.01 and gradient clipping at 1, lr 1e-3
-for LoRA and 1e-4 for full fine-tuning (notebook 06's recipe). ``seconds`` is the wall time from
-the model sitting on the device to the end of its last optimizer step: optimizer creation, data
-collation and copies, warm-up, graph capture and compilation included. ``test_acc`` (percent)
-is measured afterwards on the test messages, ``peak_mem_mib`` over training and test.
+Recipe: notebook 06's (``finetune.FinetuneRecipe``: batch 8, AdamW with weight decay 0.01,
+gradient clipping at 1, lr 1e-3 for LoRA, 1e-4 for full fine-tuning, 5 epochs, seed 123). The
+base is the notebooks' pretrained one (``pretrain.load_base_model``) when its checkpoint is in
+the artifacts folder (``--pretrain`` pretrains it first when it is not); otherwise a fresh
+initialisation, and the output says so: speed does not depend on the weights, accuracy does.
 
-    python -m benchmarks.finetune_speed                     # the issue's run (GPT-2 124M, GPU)
-    python -m benchmarks.finetune_speed --cuda-graphs       # the fast path with CUDA graphs
-    python -m benchmarks.finetune_speed --lever-study       # what each lever is worth
-    python -m benchmarks.finetune_speed --preset scratch-30M --epochs 1 --out .../cpu.json
+Columns: ``seconds`` is ``train.train``'s wall time (every step, and each epoch's validation
+loss); ``examples_per_s`` the training examples over it; ``peak_mem_mib`` what the run added at
+its peak (``device.PeakMemory``: resident memory on a CPU, the allocator on a GPU);
+``unseen_test_acc`` the accuracy on the test messages whose text occurs in no training message
+(``finetune.unseen_test_mask``). Calibration: ``matmul_gflops`` is the best throughput of the
+model's own matrix products (tokens × d by d × d, d × 4d and 4d × d; fp32, or bf16 where the
+fast path autocasts) measured in the same run on the same threads; each variant's useful FLOP
+rate counts the real, unpadded tokens it trained on:
+
+    useful FLOPs = tokens × (4·N + 2·N_trainable)
+
+with N the weights of the matrix products every token passes through (the blocks' linear
+layers and adapters; not the embeddings, not the head read once per message): 2·N for the
+forward pass, 2·N for the gradients flowing back through every layer, 2·N_trainable for the
+gradients of the trained weights (so 6·N for full fine-tuning). Attention's own products are
+left out (short messages). ``pct_of_matmul`` is that rate over ``matmul_gflops``.
+
+    python -m benchmarks.finetune_speed                    # the CPU run (scratch-7M, 5 epochs)
+    python -m benchmarks.finetune_speed --lever-study      # and what each lever is worth
+    python -m benchmarks.finetune_speed --table            # README table from results/*.json
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
-import math
 import re
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from benchmarks import levers as lv
 from lora_helpers import finetune as ft
-from lora_helpers.data import PAD_ID, MessageDataset, sms_spam_split
-from lora_helpers.device import get_device
-from lora_helpers.fast import (
-    FAST,
-    FAST_GRAPHED,
-    NAIVE,
-    Levers,
-    accuracy_percent,
-    classification_loader,
-    lever_study_levers,
-    train_classifier,
-)
+from lora_helpers.data import message_loaders, sms_spam_split
+from lora_helpers.device import PeakMemory, capabilities, get_device
+from lora_helpers.fast import adamw
 from lora_helpers.model import PRESETS, GPTModel, count_parameters, gpt_config
+from lora_helpers.pretrain import FULL_RECIPE, base_checkpoint_path, load_base_model
 from lora_helpers.tokenizer import get_tokenizer
-from lora_helpers.train import adamw
 
-VARIANTS = ("naive-lora", "fast-lora", "fast-full", "peft-lora")
+VARIANTS = ("naive-lora", "ours-lora", "ours-full", "peft-lora")
 RESULT_KEYS = (
     "variant",
     "seconds",
     "examples_per_s",
     "peak_mem_mib",
     "trainable_params",
-    "test_acc",
+    "unseen_test_acc",
+    "useful_gflops",
+    "pct_of_matmul",
 )
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-RANK = ALPHA = 16
-BATCH_SIZE = 8
-RECIPE = ft.FinetuneRecipe(batch_size=BATCH_SIZE)  # notebook 06's learning rates, seed 123
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+RANK = ALPHA = lv.RANK
 
 
-# --- the seed's LoRA layer, exactly as notebook 05 first shows it ----------------------------
-
-
-class LoRALayer(torch.nn.Module):
-    def __init__(self, in_dim, out_dim, rank, alpha):
-        super().__init__()
-        self.A = torch.nn.Parameter(torch.empty(in_dim, rank))
-        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = torch.nn.Parameter(torch.zeros(rank, out_dim))
-        self.alpha = alpha
-
-    def forward(self, x):
-        return self.alpha * (x @ self.A @ self.B)
-
-
-class LinearWithLoRA(torch.nn.Module):
-    def __init__(self, linear, rank, alpha):
-        super().__init__()
-        self.linear = linear
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha)
-
-    def forward(self, x):
-        return self.linear(x) + self.lora(x)
-
-
-def replace_linear_with_lora(model, rank, alpha):
-    for name, module in model.named_children():
-        if isinstance(module, torch.nn.Linear):
-            setattr(model, name, LinearWithLoRA(module, rank, alpha))
-        else:
-            replace_linear_with_lora(module, rank, alpha)
-
-
-# --- the four variants -----------------------------------------------------------------------
-
-
-def naive_lora_model(base: GPTModel, seed: int) -> GPTModel:
-    """The seed's layer on every linear layer of the blocks; the new head trains too."""
-    torch.manual_seed(seed)  # the same head as prepare_variant gives the fast variants
-    model = ft.add_classification_head(copy.deepcopy(base))
-    model.requires_grad_(False)
-    replace_linear_with_lora(model.trf_blocks, RANK, ALPHA)
-    model.out_head.requires_grad_(True)
-    return model
+# --- PEFT ------------------------------------------------------------------------------------
 
 
 def peft_available() -> bool:
@@ -129,167 +101,163 @@ def peft_available() -> bool:
     return True
 
 
-def peft_lora_model(base: GPTModel, seed: int) -> torch.nn.Module:
-    """transformers' GPT-2 classifier with our base's shape (random init), PEFT LoRA on it."""
+def peft_lora_model(base: GPTModel, head: torch.nn.Linear) -> torch.nn.Module:
+    """transformers' GPT-2 classifier holding ``base``'s weights and ``head``'s initial weight,
+    with PEFT LoRA on every linear layer of the blocks."""
     from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    cfg = base.cfg
-    config = GPT2Config(
-        vocab_size=cfg.vocab_size,
-        n_positions=cfg.context_length,
-        n_embd=cfg.emb_dim,
-        n_layer=cfg.n_layers,
-        n_head=cfg.n_heads,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        num_labels=2,
-        pad_token_id=PAD_ID,
-        use_cache=False,
-    )
-    torch.manual_seed(seed)
+    from lora_helpers.peft_format import to_transformers
+
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    hf_model = to_transformers(base, num_labels=2)
+    with torch.no_grad():
+        hf_model.score.weight.copy_(head.weight)
     lora = LoraConfig(
         r=RANK,
         lora_alpha=ALPHA,
-        target_modules=["c_attn", "c_proj", "c_fc"],
+        target_modules=["c_attn", "c_proj", "c_fc"],  # c_proj: attn.c_proj and mlp.c_proj
         lora_dropout=0.0,
         fan_in_fan_out=True,  # GPT-2's Conv1D layers store their weights transposed
         modules_to_save=["score"],
         task_type="SEQ_CLS",
     )
-    return get_peft_model(GPT2ForSequenceClassification(config), lora)
+    return get_peft_model(hf_model, lora)
 
 
 def peft_logits(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor):
     """transformers pools at the last token that is not ``pad_token_id``; it gets the mask too."""
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    attention_mask = (positions < lengths[:, None]).long()
+    attention_mask = (positions < lengths.to(input_ids.device)[:, None]).long()
     return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def peft_loss(model, batch, device) -> torch.Tensor:
+    input_ids, lengths, labels = batch
+    logits = peft_logits(model, input_ids.to(device, non_blocking=True), lengths)
+    return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True))
 
 
 # --- measuring -------------------------------------------------------------------------------
 
 
-@dataclass
-class Data:
-    train: MessageDataset
-    test: MessageDataset
-    longest: int  # the training set's longest message, in tokens (naive padding)
+def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all, trainable) weights of the matrix products every token passes through: 2-D
+    parameters outside embeddings and the classification head (``out_head``, ``score``)."""
+    total = trainable = 0
+    for name, module in model.named_modules():
+        parts = set(name.split("."))
+        if isinstance(module, torch.nn.Embedding) or parts & {"out_head", "score"}:
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dim() == 2:
+                total += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+    return total, trainable
 
 
-def load_data(context_length: int, max_messages: int | None) -> Data:
-    split = ft.shrink_split(sms_spam_split(), max_messages)
-    tokenizer = get_tokenizer()
-    train = MessageDataset(split["train"], tokenizer, context_length)
-    test = MessageDataset(split["test"], tokenizer, context_length)
-    return Data(train, test, max(len(ids) for ids in train.ids))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def matmul_gflops(emb_dim: int, device: torch.device, tokens: int = 512) -> float:
+    """The best throughput, in GFLOP/s, of the model's own matrix products (tokens × d by
+    d × d, d × 4d and 4d × d), in the dtype the fast path computes in."""
+    dtype = torch.bfloat16 if capabilities(device).bf16_autocast else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = 0.0
+    for k, n in ((emb_dim, emb_dim), (emb_dim, 4 * emb_dim), (4 * emb_dim, emb_dim)):
+        a = torch.randn(tokens, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        flops = 2 * tokens * k * n
+        repeats = max(1, int(2e8 // flops))  # about 0.2 GFLOP a timing
+        a @ b
+        for _ in range(5):
+            sync()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            sync()
+            best = max(best, repeats * flops / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def warm_up(device: torch.device) -> None:
     """Pay the process's one-time costs before the first variant: the CUDA context, the math
-    libraries' handles, torch.optim's first use (about a second of imports). No variant is
-    charged for them; each still pays for its own kernels' first use."""
+    libraries' handles, torch.optim's first use. No variant is charged for them."""
     x = torch.randn(64, 64, device=device, requires_grad=True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for t in (x, x.to(dtype)):
-        (t @ t).sum().backward()
-    q = torch.randn(1, 2, 16, 64, device=device, dtype=dtype)
-    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    (x @ x).sum().backward()
+    q = torch.randn(1, 2, 16, 64, device=device)
+    F.scaled_dot_product_attention(q, q, q, is_causal=True)
     torch.optim.AdamW([x]).step()
     adamw([x], 1e-3, 0.0, device).step()
-    synchronize(device)
+
+
+def build_model(variant: str, base: GPTModel, recipe: ft.FinetuneRecipe) -> torch.nn.Module:
+    if variant == "naive-lora":
+        return lv.naive_lora_model(base, recipe.seed)
+    if variant in ("ours-lora", "ours-full"):
+        return ft.prepare_variant(base, "lora-r16" if variant == "ours-lora" else "full", recipe)
+    if variant == "peft-lora":
+        head = ft.prepare_variant(base, "head", recipe).out_head  # our head's initial weights
+        return peft_lora_model(base, head)
+    raise ValueError(f"Unknown variant {variant!r}; choose from {VARIANTS}")
 
 
 def measure(
     name: str,
-    model: torch.nn.Module,
-    levers: Levers,
-    lr: float,
-    data: Data,
+    variant: str,
+    levers: lv.Levers,
+    base: GPTModel,
+    context: dict,
     device: torch.device,
-    epochs: int,
-    seed: int,
-    logits_fn=None,
+    recipe: ft.FinetuneRecipe,
 ) -> dict:
-    """Fine-tune ``model`` on ``device`` with ``levers``; one result row."""
-    train_loader = classification_loader(data.train, BATCH_SIZE, levers, True, data.longest, seed)
-    test_loader = classification_loader(data.test, BATCH_SIZE, levers, False, data.longest)
+    """Build, fine-tune and test one variant on ``device`` with ``levers``; one result row."""
+    loaders = lv.loaders_for(context["loaders"], levers, context["longest"], recipe.seed)
+    lr = recipe.learning_rate("full" if variant == "ours-full" else "lora")
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    model.to(device)
-    synchronize(device)
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    train_classifier(model, train_loader, device, epochs, lr, levers, logits_fn=logits_fn)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    test_acc = accuracy_percent(model, test_loader, device, levers, logits_fn)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    examples = epochs * len(train_loader) * BATCH_SIZE
+    with PeakMemory(device) as peak:
+        model = build_model(variant, base, recipe).to(device)
+        if variant == "peft-lora":
+            history = ft.finetune(
+                model, loaders, device, recipe, lr, loss_fn=peft_loss, accuracies=False,
+                cuda_graphs=False, progress=False,
+            )  # fmt: skip
+        else:
+            history = lv.finetune_with(model, loaders, device, recipe, lr, levers)
+    logits_fn = peft_logits if variant == "peft-lora" else lv.logits_fn(levers)
+    _, unseen_acc = ft.test_accuracies(model, loaders, context["split"], device, logits_fn)
+    examples = recipe.epochs * len(loaders["train"]) * recipe.batch_size
+    n_all, n_trainable = matmul_params(model)
+    flops = examples * context["mean_length"] * (4 * n_all + 2 * n_trainable)
+    useful = flops / history.seconds / 1e9
     row = {
         "variant": name,
-        "seconds": round(seconds, 3),
-        "examples_per_s": round(examples / seconds, 1),
-        "peak_mem_mib": None if peak is None else round(peak, 1),
+        "seconds": round(history.seconds, 2),
+        "examples_per_s": round(examples / history.seconds, 1),
+        "peak_mem_mib": None if peak.mib is None else round(peak.mib, 1),
         "trainable_params": count_parameters(model, trainable_only=True),
-        "test_acc": round(test_acc, 2),
+        "unseen_test_acc": round(100 * unseen_acc, 2),
+        "useful_gflops": round(useful, 2),
+        "pct_of_matmul": round(100 * useful / context["matmul_gflops"], 1),
     }
-    print(f"  {name}: {row['seconds']:.2f} s, test accuracy {row['test_acc']:.2f} %", flush=True)
+    print(
+        f"  {name}: {row['seconds']:.2f} s, {row['examples_per_s']:.1f} examples/s, unseen test "
+        f"accuracy {row['unseen_test_acc']:.2f} %",
+        flush=True,
+    )
     return row
 
 
-def run_variant(
-    variant: str, base: GPTModel, data: Data, device: torch.device, fast: Levers, args
-) -> dict:
-    lora_lr, full_lr = RECIPE.learning_rate("lora-r16"), RECIPE.learning_rate("full")
-    common = {"data": data, "device": device, "epochs": args.epochs, "seed": args.seed}
-    if variant == "naive-lora":
-        return measure(variant, naive_lora_model(base, args.seed), NAIVE, lora_lr, **common)
-    if variant == "fast-lora":
-        model = ft.prepare_variant(base, "lora-r16", RECIPE)
-        return measure(variant, model, fast, lora_lr, **common)
-    if variant == "fast-full":
-        return measure(variant, ft.prepare_variant(base, "full", RECIPE), fast, full_lr, **common)
-    if variant == "peft-lora":
-        levers = replace(fast, cuda_graphs=False, compile=False, pad_multiple=1)
-        model = peft_lora_model(base, args.seed)
-        return measure(variant, model, levers, lora_lr, logits_fn=peft_logits, **common)
-    raise ValueError(f"Unknown variant {variant!r}; choose from {VARIANTS}")
+# --- the base --------------------------------------------------------------------------------
 
 
-def lever_study(
-    base: GPTModel, data: Data, device: torch.device, fast: Levers, args, all_on: dict | None
-) -> list[dict]:
-    """fast-lora as it is, then with each lever switched off (or on) on its own."""
-    lr = RECIPE.learning_rate("lora-r16")
-    common = {"data": data, "device": device, "epochs": args.epochs, "seed": args.seed}
-    runs = lever_study_levers(fast, device)
-    if all_on is None:
-        model = ft.prepare_variant(base, "lora-r16", RECIPE)
-        all_on = measure("fast-lora", model, fast, lr, **common)
-    rows = [{**all_on, "variant": "fast-lora"}]
-    for label, levers in runs.items():
-        model = ft.prepare_variant(base, "lora-r16", RECIPE)
-        rows.append(measure(label, model, levers, lr, **common))
-    print(f"\nWhat each lever is worth (fast-lora, {args.preset}, {args.epochs} epoch(s)):")
-    print(f"{'run':32s} {'seconds':>9s} {'x fast':>9s} {'peak MiB':>9s} {'test acc %':>11s}")
-    for row in rows:
-        slower = row["seconds"] / rows[0]["seconds"]
-        peak = "-" if row["peak_mem_mib"] is None else f"{row['peak_mem_mib']:.0f}"
-        print(
-            f"{row['variant']:32s} {row['seconds']:9.2f} {slower:9.2f} {peak:>9s} "
-            f"{row['test_acc']:11.2f}"
-        )
-    return rows
+def base_model(preset: str, pretrain: bool, seed: int) -> tuple[GPTModel, str]:
+    """The notebooks' pretrained base when it is there (or ``pretrain``), else a fresh one."""
+    cpu = torch.device("cpu")  # the base stays on the CPU: each variant copies it over
+    if preset == FULL_RECIPE.preset and (pretrain or base_checkpoint_path(FULL_RECIPE).exists()):
+        return load_base_model(cpu, FULL_RECIPE).eval(), "pretrained (notebook 04's base)"
+    torch.manual_seed(seed)
+    note = "fresh initialisation: no pretrained base"
+    if preset == FULL_RECIPE.preset:
+        note += " (pass --pretrain to make one); the accuracy column means little"
+    return GPTModel(gpt_config(preset, drop_rate=0.0)).eval(), note
 
 
 # --- reporting -------------------------------------------------------------------------------
@@ -304,90 +272,127 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [
-        f"{'variant':12s} {'seconds':>9s} {'examples/s':>11s} {'peak MiB':>9s} "
-        f"{'trainable':>12s} {'test acc %':>11s}"
-    ]
+def format_table(rows: list[dict], matmul: float) -> str:
+    head = (
+        f"{'variant':28s} {'seconds':>8s} {'examples/s':>11s} {'peak MiB':>9s} "
+        f"{'trainable':>11s} {'unseen acc %':>13s} {'GFLOP/s':>8s} {'% matmul':>9s}"
+    )
+    lines = [head]
     for r in rows:
         peak = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(
-            f"{r['variant']:12s} {r['seconds']:9.2f} {r['examples_per_s']:11.1f} {peak:>9s} "
-            f"{r['trainable_params']:12,} {r['test_acc']:11.2f}"
+            f"{r['variant']:28s} {r['seconds']:8.2f} {r['examples_per_s']:11.1f} {peak:>9s} "
+            f"{r['trainable_params']:11,} {r['unseen_test_acc']:13.2f} "
+            f"{r['useful_gflops']:8.2f} {r['pct_of_matmul']:9.1f}"
         )
+    lines.append(f"{'calibration: matmul':28s} {'':>8s} {'':>11s} {'':>9s} {'':>11s} {'':>13s} "
+                 f"{matmul:8.2f} {100.0:9.1f}")  # fmt: skip
     return "\n".join(lines)
 
 
-def format_summary(rows: list[dict]) -> str:
-    """Speed-ups against naive-lora (same run) and the issue's fast-lora comparisons."""
-    by_name = {r["variant"]: r for r in rows}
-    lines = []
-    if "naive-lora" in by_name:
-        ref = by_name["naive-lora"]["seconds"]
-        others = [r for r in rows if r["variant"] != "naive-lora"]
-        speedups = [f"{r['variant']} {ref / r['seconds']:.1f}x" for r in others]
-        lines.append("Speed-up vs naive-lora (same run): " + ", ".join(speedups))
-    fast = by_name.get("fast-lora")
-    for other in ("naive-lora", "fast-full", "peft-lora"):
-        if fast and other in by_name:
-            faster = by_name[other]["seconds"] / fast["seconds"]
-            line = f"fast-lora vs {other}: {faster:.2f}x faster"
-            if fast["peak_mem_mib"] and by_name[other]["peak_mem_mib"]:
-                share = fast["peak_mem_mib"] / by_name[other]["peak_mem_mib"]
-                line += f", {100 * share:.0f}% of its peak memory"
-            line += f", test accuracy {fast['test_acc'] - by_name[other]['test_acc']:+.2f} points"
-            lines.append(line)
-    return "\n".join(lines)
+def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """The issue's targets for ours-lora: (target, met (None: not measured), measured)."""
+    by = {r["variant"]: r for r in rows}
+    ours = by.get("ours-lora")
+    out = []
+    for other, factor in (("naive-lora", 5.0), ("peft-lora", 1.5), ("ours-full", 1.3)):
+        target = f"ours-lora >= {factor}x {other} examples/s"
+        if other == "ours-full":
+            target += ", less peak memory"
+        else:
+            target += ", equal or better unseen accuracy"
+        if ours is None or other not in by:
+            out.append((target, None, "not measured"))
+            continue
+        ratio = ours["examples_per_s"] / by[other]["examples_per_s"]
+        met = ratio >= factor
+        measured = f"{ratio:.2f}x"
+        if other == "ours-full":
+            mine, theirs = ours["peak_mem_mib"], by[other]["peak_mem_mib"]
+            if mine is not None and theirs is not None:
+                met = met and mine < theirs
+                measured += f", peak {mine:.0f} vs {theirs:.0f} MiB"
+        else:
+            gap = ours["unseen_test_acc"] - by[other]["unseen_test_acc"]
+            met = met and gap >= 0
+            measured += f", accuracy {gap:+.2f} points"
+        out.append((target, met, measured))
+    return out
 
 
-def format_markdown(rows: list[dict], device: torch.device, args) -> str:
-    """The README table: the date, device and torch version, then one row per variant."""
-    date = datetime.date.today().isoformat()
-    head = (
-        f"{date} · {device_name(device)} · torch {torch.__version__} · {args.preset}, "
-        f"{args.epochs} epoch(s), batch {BATCH_SIZE}, LoRA r={RANK}, alpha={ALPHA}"
-    )
+def format_targets(rows: list[dict]) -> str:
+    word = {True: "met", False: "NOT met", None: "-"}
+    return "\n".join(f"{word[met]:8s} {t}: {m}" for t, met, m in targets(rows))
+
+
+def format_markdown(result: dict) -> str:
+    """One device's README table, from the JSON the benchmark writes."""
+    meta = result["metadata"]
     lines = [
-        head,
+        f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['threads']} "
+        f"thread(s) · {meta['preset']} ({meta['base']}), {meta['epochs']} epoch(s) over "
+        f"{meta['train_messages']:,} messages, batch {meta['batch_size']}, LoRA r={RANK}",
+        *(["", f"**{meta['note']}**"] if meta.get("note") else []),
         "",
-        "| variant | seconds | examples/s | peak MiB | trainable params | test acc % |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| variant | seconds | examples/s | peak MiB | trainable params | unseen test acc % "
+        "| useful GFLOP/s | % of matmul |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in result["rows"]:
         peak = "–" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(
-            f"| {r['variant']} | {r['seconds']:.2f} | {r['examples_per_s']:.0f} | {peak} | "
-            f"{r['trainable_params']:,} | {r['test_acc']:.1f} |"
+            f"| {r['variant']} | {r['seconds']:.2f} | {r['examples_per_s']:.1f} | {peak} | "
+            f"{r['trainable_params']:,} | {r['unseen_test_acc']:.1f} | "
+            f"{r['useful_gflops']:.2f} | {r['pct_of_matmul']:.1f} |"
         )
+    lines.append(f"| calibration: matmul | | | | | | {meta['matmul_gflops']:.2f} | 100 |")
+    lines += ["", "Targets (ours-lora, same run):", ""]
+    word = {True: "met", False: "**not met**", None: "not measured"}
+    lines += [f"- {t}: {word[met]} ({m})" for t, met, m in targets(result["rows"])]
     return "\n".join(lines)
+
+
+def readme_table(results_dir: Path = RESULTS_DIR) -> str:
+    """The README's benchmark section: one table per ``results/*.json``, by file name."""
+    parts = []
+    for path in sorted(results_dir.glob("*.json")):
+        parts.append(format_markdown(json.loads(path.read_text())))
+    return "\n\n".join(parts)
+
+
+def update_readme(readme: Path = README, results_dir: Path = RESULTS_DIR) -> bool:
+    """Rewrite the README between the benchmark markers; True if it changed."""
+    text = readme.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    new = text[:start] + "\n" + readme_table(results_dir) + "\n" + text[end:]
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+# --- the run ---------------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="gpt2-124M", choices=sorted(PRESETS))
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--preset", default=FULL_RECIPE.preset, choices=sorted(PRESETS))
+    parser.add_argument("--pretrain", action="store_true", help="pretrain the base if missing")
+    parser.add_argument("--epochs", type=int, default=ft.FULL_FINETUNE.epochs)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--max-messages", type=int, default=None, help="per split (smoke runs)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/<device>.json")
-    parser.add_argument("--lever-study", action="store_true", help="fast-lora, one lever off")
-    parser.add_argument(
-        "--cuda-graphs", action="store_true", help="fast path with CUDA graphs (CUDA only)"
-    )
-    parser.add_argument(
-        "--pad-multiple",
-        type=int,
-        default=None,
-        help="round batch lengths up (default 16 with --cuda-graphs, else 1)",
-    )
-    parser.add_argument("--compile", action="store_true", help="fast path with torch.compile")
-    parser.add_argument("--seed", type=int, default=RECIPE.seed)
+    parser.add_argument("--lever-study", action="store_true", help="ours-lora, one lever flipped")
+    parser.add_argument("--table", action="store_true", help="only rewrite the README table")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the benchmark; returns the result rows (also written as JSON to ``--out``)."""
+def main(argv: list[str] | None = None) -> dict | None:
+    """Run the benchmark; returns what it writes as JSON to ``--out``."""
     args = parse_args(argv)
+    if args.table:
+        print("README updated" if update_readme() else "README already up to date")
+        return None
     threads = torch.get_num_threads()
     try:
         if args.threads:
@@ -397,39 +402,79 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(threads)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace) -> dict:
     device = get_device()
-    if args.cuda_graphs and device.type != "cuda":
-        print("--cuda-graphs needs a CUDA GPU: running the fast path without them")
-    fast = FAST_GRAPHED if args.cuda_graphs and device.type == "cuda" else FAST
-    fast = replace(fast, compile=args.compile, pad_multiple=args.pad_multiple or fast.pad_multiple)
-    torch.manual_seed(args.seed)
-    base = GPTModel(gpt_config(args.preset, drop_rate=0.0))  # random init; stays on the CPU
-    data = load_data(base.cfg.context_length, args.max_messages)
-    print(
-        f"{args.preset}: {len(data.train)} training and {len(data.test)} test messages, "
-        f"{args.epochs} epoch(s); fast path: {fast}"
-    )
+    recipe = replace(ft.FULL_FINETUNE, epochs=args.epochs)
+    base, base_note = base_model(args.preset, args.pretrain, recipe.seed)
+    split = ft.shrink_split(sms_spam_split(), args.max_messages)
+    max_length = base.cfg.context_length
+    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, max_length, recipe.seed)
+    train_lengths = [len(ids) for ids in loaders["train"].dataset.ids]
     warm_up(device)
+    context = {
+        "loaders": loaders,
+        "split": split,
+        "longest": max(train_lengths),
+        "mean_length": sum(train_lengths) / len(train_lengths),
+        "matmul_gflops": matmul_gflops(base.cfg.emb_dim, device),
+    }
+    print(
+        f"{args.preset}, {base_note}: {len(split['train'])} training messages, {args.epochs} "
+        f"epoch(s), {torch.get_num_threads()} thread(s); matmul {context['matmul_gflops']:.2f} "
+        "GFLOP/s",
+        flush=True,
+    )
     rows = []
     for variant in args.variants:
         if variant == "peft-lora" and not peft_available():
             print("  peft-lora: skipped (pip install peft transformers to include it)")
             continue
-        rows.append(run_variant(variant, base, data, device, fast, args))
+        levers = lv.NAIVE if variant == "naive-lora" else lv.OURS
+        rows.append(measure(variant, variant, levers, base, context, device, recipe))
     print()
-    print(format_table(rows))
-    print(format_summary(rows))
+    print(format_table(rows, context["matmul_gflops"]))
     print()
-    print(format_markdown(rows, device, args))
+    print(format_targets(rows))
+    result = {
+        "metadata": {
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat(),
+            "preset": args.preset,
+            "base": "pretrained" if base_note.startswith("pretrained") else "fresh init",
+            "epochs": args.epochs,
+            "batch_size": recipe.batch_size,
+            "train_messages": len(split["train"]),
+            "matmul_gflops": round(context["matmul_gflops"], 2),
+        },
+        "rows": [{k: r[k] for k in RESULT_KEYS} for r in rows],
+    }
+    if args.lever_study:
+        result["lever_study"] = lever_study(base, context, device, recipe, rows)
     out = args.out or RESULTS_DIR / f"{slug(device_name(device))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([{k: r[k] for k in RESULT_KEYS} for r in rows], indent=2) + "\n")
-    print(f"\nWrote {out}")
-    if args.lever_study:
-        all_on = next((r for r in rows if r["variant"] == "fast-lora"), None)
-        lever_study(base, data, device, fast, args, all_on)
-    return rows
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nWrote {out}; python -m benchmarks.finetune_speed --table updates the README.")
+    return result
+
+
+def lever_study(base, context, device, recipe, rows) -> list[dict]:
+    """ours-lora as it is, then with each lever flipped on its own."""
+    ours = next((r for r in rows if r["variant"] == "ours-lora"), None)
+    if ours is None:
+        ours = measure("ours-lora", "ours-lora", lv.OURS, base, context, device, recipe)
+    study = [ours]
+    for label, levers in lv.lever_study_levers(device).items():
+        study.append(measure(label, "ours-lora", levers, base, context, device, recipe))
+    print("\nWhat each lever is worth (ours-lora; x ours: its seconds over ours'):")
+    for row in study:
+        slower = row["seconds"] / ours["seconds"]
+        print(
+            f"  {row['variant']:28s} {row['seconds']:8.2f} s {slower:6.2f}x ours, "
+            f"unseen test accuracy {row['unseen_test_acc']:.2f} %"
+        )
+    return study
 
 
 if __name__ == "__main__":

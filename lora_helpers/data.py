@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from .device import capabilities, get_device
 from .settings import artifacts_dir, data_dir
 
 
@@ -435,14 +436,14 @@ def message_loaders(
     pad_multiple: int | None = None,
 ) -> dict[str, DataLoader]:
     """Loaders for the train, validation and test messages, each batch padded to its longest
-    message rounded up to ``pad_multiple`` (default: 16 where a CUDA GPU is present, so that
-    few batch shapes occur and training steps replay as CUDA graphs; else 1).
+    message rounded up to ``pad_multiple`` (default: the best device's, ``get_device``: 16 on
+    a CUDA GPU, so that few batch shapes occur and training steps replay as CUDA graphs; else 1).
 
     Training batches hold messages of similar length in a seeded random order
     (``LengthBucketSampler``): every message once per epoch, far less padding to compute.
     """
     if pad_multiple is None:
-        pad_multiple = 16 if torch.cuda.is_available() else 1
+        pad_multiple = capabilities(get_device(verbose=False)).pad_multiple
     collate = partial(pad_collate, multiple=pad_multiple, max_length=max_length)
     loaders = {}
     for name in ("train", "validation", "test"):

@@ -8,6 +8,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -43,6 +45,37 @@ def has_native_bf16(device: torch.device) -> bool:
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     return False
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the training path may use on one device: decided here, once per device
+    (``capabilities(device)``), and read by ``lora_helpers.fast`` wherever it matters."""
+
+    device: torch.device
+    bf16_autocast: bool  # every forward pass in bf16: CUDA GPUs with bf16 in hardware
+    bf16_large_products: bool  # the LM's vocabulary head in bf16: CPUs with bf16 in hardware
+    fused_adamw: bool  # one fused kernel updates every parameter: CUDA GPUs and CPUs
+    cuda_graphs: bool  # a training step replayed as one CUDA graph: CUDA GPUs
+    pad_multiple: int  # batch lengths rounded up to it: few shapes, few graphs (CUDA), else 1
+
+
+def capabilities(device: torch.device | str) -> Capabilities:
+    """The device's ``Capabilities`` (decided at the first call, then remembered)."""
+    return _capabilities(torch.device(device))
+
+
+@cache
+def _capabilities(device: torch.device) -> Capabilities:
+    cuda, bf16 = device.type == "cuda", has_native_bf16(device)
+    return Capabilities(
+        device=device,
+        bf16_autocast=cuda and bf16,
+        bf16_large_products=device.type == "cpu" and bf16,
+        fused_adamw=device.type in ("cuda", "cpu"),
+        cuda_graphs=cuda,
+        pad_multiple=16 if cuda else 1,
+    )
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 21) -> float:

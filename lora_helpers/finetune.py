@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,13 +23,15 @@ from torch.utils.data import DataLoader
 
 from .data import LABEL_IDS, Message
 from .device import PeakMemory
+from .fast import adamw, autocast_for
 from .lora import apply_lora, freeze_except_lora
 from .model import GPTModel, count_parameters
 from .settings import artifacts_dir, is_quick
-from .train import History, LossFn, adamw, autocast_for, train
+from .train import History, LossFn, train
 
 VARIANTS = ("head", "last-block", "full", "lora-r8", "lora-r16")
 LABEL_NAMES = {index: name for name, index in LABEL_IDS.items()}
+LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -89,22 +92,31 @@ def last_token_logits(
 
 
 def classification_loss(
-    model: GPTModel, batch: tuple[torch.Tensor, ...], device: torch.device
+    model: nn.Module,
+    batch: tuple[torch.Tensor, ...],
+    device: torch.device,
+    logits_fn: LogitsFn = last_token_logits,
 ) -> torch.Tensor:
-    """Cross-entropy of the last-token logits against the labels."""
+    """Cross-entropy of the last-token logits (``logits_fn``'s) against the labels."""
     input_ids, lengths, labels = batch
-    logits = last_token_logits(model, input_ids.to(device, non_blocking=True), lengths)
+    logits = logits_fn(model, input_ids.to(device, non_blocking=True), lengths)
     return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True))
 
 
 @torch.no_grad()
-def predict(model: GPTModel, loader: DataLoader, device: torch.device):
-    """Predicted and true label ids for every message of ``loader``, in order."""
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    logits_fn: LogitsFn = last_token_logits,
+):
+    """Predicted and true label ids for every message of ``loader``, in order
+    (``logits_fn(model, input_ids, lengths)`` gives the class logits)."""
     model.eval()
     predictions, truth = [], []
     for input_ids, lengths, labels in loader:
         with autocast_for(device):
-            logits = last_token_logits(model, input_ids.to(device), lengths)
+            logits = logits_fn(model, input_ids.to(device), lengths)
         predictions.append(logits.argmax(dim=-1).cpu())
         truth.append(labels)
     return torch.cat(predictions), torch.cat(truth)
@@ -161,22 +173,28 @@ def prepare_variant(base: GPTModel, variant: str, recipe: FinetuneRecipe) -> GPT
 
 
 def finetune(
-    model: GPTModel,
+    model: nn.Module,
     loaders: dict[str, DataLoader],
     device: torch.device,
     recipe: FinetuneRecipe,
     lr: float,
     loss_fn: LossFn = classification_loss,
+    optimizer: torch.optim.Optimizer | None = None,
+    accuracies: bool = True,
+    **train_options,
 ) -> History:
-    """AdamW on the trainable parameters for ``recipe.epochs`` epochs, evaluating every epoch
-    (validation loss, and training/validation accuracy in ``history.metrics``; under torchrun,
-    rank 0 measures the training accuracy on its shard)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr, recipe.weight_decay, device)
+    """AdamW (``fast.adamw``, or ``optimizer``) on the trainable parameters for
+    ``recipe.epochs`` epochs with ``train.train``, evaluating every epoch: the validation loss,
+    and with ``accuracies`` the training/validation accuracy in ``history.metrics`` (under
+    torchrun, rank 0 measures the training accuracy on its shard). ``train_options`` go to
+    ``train`` (e.g. ``progress=False``)."""
+    if optimizer is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = adamw(params, lr, recipe.weight_decay, device)
     steps_per_epoch = len(loaders["train"])
     loaders["train"].batch_sampler.generator.manual_seed(recipe.seed)  # same batches, same order
 
-    def accuracies(m: nn.Module) -> dict[str, float]:
+    def measure_accuracies(m: nn.Module) -> dict[str, float]:
         return {
             "train_acc": accuracy(m, loaders["train"], device),
             "val_acc": accuracy(m, loaders["validation"], device),
@@ -191,7 +209,8 @@ def finetune(
         max_steps=recipe.epochs * steps_per_epoch,
         eval_every=steps_per_epoch,
         loss_fn=loss_fn,
-        eval_metrics=accuracies,
+        eval_metrics=measure_accuracies if accuracies else None,
+        **train_options,
     )
 
 
@@ -215,6 +234,19 @@ def unseen_test_mask(split: dict[str, list[Message]]) -> torch.Tensor:
     has many duplicates). Pretraining never sees test texts (see ``sms_pretraining_texts``)."""
     seen = {text for _, text in split["train"]}
     return torch.tensor([text not in seen for _, text in split["test"]])
+
+
+def test_accuracies(
+    model: nn.Module,
+    loaders: dict[str, DataLoader],
+    split: dict[str, list[Message]],
+    device: torch.device,
+    logits_fn: LogitsFn = last_token_logits,
+) -> tuple[float, float]:
+    """Accuracy on every test message, and on the unseen ones (``unseen_test_mask``)."""
+    predictions, truth = predict(model, loaders["test"], device, logits_fn)
+    correct = predictions == truth
+    return correct.float().mean().item(), correct[unseen_test_mask(split)].float().mean().item()
 
 
 @dataclass
@@ -245,13 +277,11 @@ def run_variant(
     with PeakMemory(device) as peak:
         model = prepare_variant(base, variant, recipe).to(device)
         history = finetune(model, loaders, device, recipe, recipe.learning_rate(variant))
-    predictions, truth = predict(model, loaders["test"], device)
-    correct = predictions == truth
-    unseen = unseen_test_mask(split)
+    test_acc, unseen_test_acc = test_accuracies(model, loaders, split, device)
     result = VariantResult(
         variant=variant,
-        test_acc=correct.float().mean().item(),
-        unseen_test_acc=correct[unseen].float().mean().item(),
+        test_acc=test_acc,
+        unseen_test_acc=unseen_test_acc,
         trainable_params=count_parameters(model, trainable_only=True),
         peak_mem_mib=peak.mib,
         seconds=history.seconds,

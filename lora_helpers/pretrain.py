@@ -15,11 +15,12 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from .data import DownloadError, NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
+from .fast import adamw
 from .gpt2 import load_gpt2
 from .model import GPTModel, count_parameters, gpt_config
 from .settings import artifacts_dir, display_path, is_quick
 from .tokenizer import END_OF_TEXT, get_tokenizer
-from .train import History, adamw, cosine_schedule, load_checkpoint, read_checkpoint_metadata, train
+from .train import History, cosine_schedule, load_checkpoint, read_checkpoint_metadata, train
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .device import has_native_bf16
+from .device import capabilities
+from .fast import GraphedStep, autocast_for, lm_autocast, optimizer_step
 from .model import GPTConfig, GPTModel
 from .settings import display_path
 
@@ -35,33 +36,12 @@ class CheckpointError(RuntimeError):
 def lm_loss(
     model: torch.nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device
 ) -> torch.Tensor:
-    """Next-token cross-entropy, averaged over every position of the batch.
-
-    On a CPU with bf16 in hardware the forward pass runs in bf16: there the 50,257-way
-    vocabulary head's matrix product dominates, and bf16 makes it about twice as fast.
-    """
+    """Next-token cross-entropy, averaged over every position of the batch (in bf16 on a CPU
+    with bf16 in hardware: ``fast.lm_autocast``)."""
     inputs, targets = (t.to(device, non_blocking=True) for t in batch)
-    cpu_bf16 = device.type == "cpu" and has_native_bf16(device)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16):
+    with lm_autocast(device):
         logits = model(inputs)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def autocast_for(device: torch.device, cache_enabled: bool = True):
-    """bf16 autocast on CUDA GPUs with bf16 in hardware (faster, half the activation memory),
-    else a no-op. On a CPU, bf16 pays only for large products (see ``lm_loss``): for the
-    classifier's small ones the casts cost more than they save. (CUDA graph capture needs
-    ``cache_enabled=False``.)"""
-    if device.type == "cuda" and has_native_bf16(device):
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
-    return nullcontext()
-
-
-def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel updates every parameter) on CUDA GPUs and CPUs: on a CPU it
-    halves the time of a full fine-tuning step, where the update of every weight dominates."""
-    fused = True if device.type in ("cuda", "cpu") else None
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 @torch.no_grad()
@@ -71,17 +51,19 @@ def evaluate(
     device: torch.device,
     loss_fn: LossFn = lm_loss,
     max_batches: int | None = None,
+    autocast: bool = True,
 ) -> float:
     """Mean loss per target over (at most ``max_batches`` of) ``loader``, in eval mode: each
     batch's mean loss weighs as many targets as it has (``batch[-1]``: B×T next tokens, or B
-    labels), so a short last batch counts no more than its messages."""
+    labels), so a short last batch counts no more than its messages. ``autocast``: as in
+    ``train``."""
     was_training = model.training
     model.eval()
     total, targets = torch.zeros((), device=device), 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        with autocast_for(device):
+        with autocast_for(device) if autocast else nullcontext():
             loss = loss_fn(model, batch, device)
         total += loss.float() * batch[-1].numel()
         targets += batch[-1].numel()
@@ -103,89 +85,6 @@ def cosine_schedule(max_steps: int, warmup_steps: int, min_ratio: float = 0.1):
     return factor
 
 
-class GraphedStep:
-    """``loss_and_grad(batch)`` captured as one CUDA graph per batch shape, then replayed.
-
-    Replaying a graph launches the step's thousands of kernels with one call, so the GPU no
-    longer waits on Python. The gradients live in fixed tensors that every graph first zeroes,
-    then fills; the optimizer reads them as usual. A new shape costs ``warmup`` eager steps on
-    the same batch (so the gradients they leave are the right ones) and one capture. Should a
-    capture fail, that shape runs eagerly (and says so): slower, never wrong.
-    """
-
-    def __init__(
-        self,
-        loss_and_grad: Callable[[list[torch.Tensor]], torch.Tensor],
-        params: list[torch.nn.Parameter],
-        warmup: int = 1,
-    ):
-        self.loss_and_grad, self.params, self.warmup = loss_and_grad, params, warmup
-        for p in params:
-            p.grad = torch.zeros_like(p)  # fixed addresses: backward accumulates into them
-        self.graphs: dict[tuple, tuple | None] = {}
-        # The graphs share one memory pool: safe because they never run at the same time and
-        # each replay's loss is used before the next replay.
-        self.pool = torch.cuda.graph_pool_handle()
-
-    def _step(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        for p in self.params:
-            p.grad.zero_()
-        return self.loss_and_grad(batch)
-
-    def _capture(self, batch: list[torch.Tensor]) -> tuple:
-        static_batch = [t.clone() for t in batch]
-        side = torch.cuda.Stream()  # warm-up runs off the main stream, as capture requires
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._step(static_batch)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_loss = self._step(static_batch)
-        except RuntimeError as err:
-            shape = tuple(batch[0].shape)
-            print(f"CUDA graph capture failed for batch shape {shape}, running it eagerly: {err}")
-            return None
-        return graph, static_batch, static_loss
-
-    def __call__(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        """Zero the gradients, then forward and backward; the returned loss tensor is
-        overwritten by the next call (use it before)."""
-        key = tuple(t.shape for t in batch)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(batch)
-        if self.graphs[key] is None:
-            return self._step(batch)
-        graph, static_batch, static_loss = self.graphs[key]
-        for static, t in zip(static_batch, batch, strict=True):
-            static.copy_(t, non_blocking=True)
-        graph.replay()
-        return static_loss
-
-
-def optimizer_step(
-    optimizer: torch.optim.Optimizer,
-    loss_and_grad: Callable[[list[torch.Tensor]], torch.Tensor],
-    batch: list[torch.Tensor],
-    params: list[torch.nn.Parameter],
-    grad_clip: float | None,
-    graphed_step: GraphedStep | None = None,
-) -> torch.Tensor:
-    """One training step: the gradients (replayed as a CUDA graph when ``graphed_step`` is
-    given), clipping, the update; returns the loss (without waiting for the GPU)."""
-    if graphed_step is not None:
-        loss = graphed_step(batch)  # zeroes the gradients, then forward and backward
-    else:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_and_grad(batch)
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-    return loss
-
-
 @dataclass
 class History:
     """What happened during training, for plots and reports."""
@@ -193,7 +92,6 @@ class History:
     steps: list[int] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
-    learning_rate: list[float] = field(default_factory=list)
     best_val_loss: float = math.inf
     best_step: int = -1
     seconds: float = 0.0
@@ -216,6 +114,7 @@ def train(
     checkpoint_metadata: dict | None = None,
     eval_metrics: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     cuda_graphs: bool = True,
+    autocast: bool = True,
     progress: bool = True,
     resume_path: str | Path | None = None,
     save_every: int | None = None,
@@ -230,7 +129,10 @@ def train(
     On a CUDA GPU with ``cuda_graphs``, each step's forward and backward pass is captured once
     per batch shape and replayed (``GraphedStep``): the same math, without the GPU waiting for
     Python to launch every small kernel. Batches of few shapes (e.g. lengths padded to a
-    multiple of 16) make the most of it. ``progress`` draws a progress bar.
+    multiple of 16) make the most of it. With ``autocast`` the forward passes run in bf16 where
+    the device has it (``fast.autocast_for``). ``cuda_graphs=False, autocast=False`` and a
+    plain optimizer switch the speed-ups off (the benchmark's naive baseline). ``progress``
+    draws a progress bar.
 
     With ``resume_path``, everything needed to continue (model, optimizer, step, RNG states,
     data position, history) is saved there atomically every ``save_every`` steps (default:
@@ -249,7 +151,7 @@ def train(
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     running, n_running = torch.zeros((), device=device), 0  # on the device: no sync per step
-    graphed = cuda_graphs and device.type == "cuda" and not ddp
+    graphed = cuda_graphs and capabilities(device).cuda_graphs and not ddp
     batches = Batches(train_loader)
     identity = json.dumps(
         {"max_steps": max_steps, "eval_every": eval_every, "metadata": checkpoint_metadata},
@@ -265,7 +167,7 @@ def train(
         print(f"Resuming from {display_path(resume_path)} at step {first_step} of {max_steps}.")
 
     def loss_and_grad(batch: list[torch.Tensor]) -> torch.Tensor:
-        with autocast_for(device, cache_enabled=not graphed):  # capture needs no cache
+        with autocast_for(device, not graphed) if autocast else nullcontext():  # capture: no cache
             loss = loss_fn(model, batch, device)
         loss.backward()
         return loss.detach()
@@ -291,11 +193,10 @@ def train(
         n_running += 1
 
         if main and ((step + 1) % eval_every == 0 or step + 1 == max_steps):
-            val_loss = evaluate(core, val_loader, device, loss_fn, eval_batches)
+            val_loss = evaluate(core, val_loader, device, loss_fn, eval_batches, autocast)
             history.steps.append(step + 1)
             history.train_loss.append(running.item() / n_running)
             history.val_loss.append(val_loss)
-            history.learning_rate.append(optimizer.param_groups[0]["lr"])
             if eval_metrics is not None:
                 history.metrics.append(eval_metrics(core))
                 model.train()

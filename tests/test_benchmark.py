@@ -1,30 +1,183 @@
-"""A smoke run of benchmarks/finetune_speed.py: it runs and writes what the issue asks for.
+"""A smoke run of benchmarks/finetune_speed.py and tests of its levers (benchmarks/levers.py).
 Speed itself is never asserted (it depends on the machine)."""
 
 import json
+from dataclasses import fields, replace
+
+import pytest
+import torch
 
 from benchmarks import finetune_speed as bench
+from benchmarks import levers as lv
+from lora_helpers import finetune as ft
+from lora_helpers.data import PAD_ID, message_loaders
+from lora_helpers.model import GPTModel, MultiHeadAttention, gpt_config
+
+CPU = torch.device("cpu")
 
 
 def test_benchmark_writes_one_row_per_variant_with_exactly_the_required_keys(tmp_path, capsys):
     out = tmp_path / "results.json"
-    variants = ["naive-lora", "fast-lora", "fast-full"]
     argv = ["--preset", "scratch-tiny", "--epochs", "1", "--max-messages", "24", "--threads", "1"]
+    variants = list(bench.VARIANTS) if bench.peft_available() else list(bench.VARIANTS[:3])
     returned = bench.main([*argv, "--out", str(out), "--variants", *variants])
-    rows = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    assert result == returned
+    assert {"device", "torch", "threads", "date", "preset", "epochs"} <= set(result["metadata"])
+    assert result["metadata"]["base"] == "fresh init" and result["metadata"]["threads"] == 1
+    rows = result["rows"]
     assert [row["variant"] for row in rows] == variants
     for row in rows:
         assert list(row) == list(bench.RESULT_KEYS)
-        assert row["seconds"] > 0 and row["examples_per_s"] > 0
-        assert row["peak_mem_mib"] is None or row["peak_mem_mib"] > 0
-        assert 0 <= row["test_acc"] <= 100
-    naive, lora, full = (row["trainable_params"] for row in rows)
-    assert naive == lora < full
-    assert [r["variant"] for r in returned] == variants
+        assert row["seconds"] > 0 and row["examples_per_s"] > 0 and row["useful_gflops"] > 0
+        assert row["peak_mem_mib"] is None or row["peak_mem_mib"] >= 0
+        assert 0 <= row["unseen_test_acc"] <= 100
+    by = {row["variant"]: row["trainable_params"] for row in rows}
+    assert by["naive-lora"] == by["ours-lora"] < by["ours-full"]
+    cfg = gpt_config("scratch-tiny")
+    d, layers, r = cfg.emb_dim, cfg.n_layers, bench.RANK
+    assert by["ours-lora"] == layers * 18 * r * d + 2 * d + 2  # q, k, v: three adapters
+    if "peft-lora" in by:
+        assert by["peft-lora"] == layers * 16 * r * d + 2 * d  # fused c_attn, head without bias
     printed = capsys.readouterr().out
-    assert "Speed-up vs naive-lora" in printed and "| fast-lora |" in printed
+    assert "calibration: matmul" in printed and "ours-lora >= 5.0x naive-lora" in printed
+    table = bench.format_markdown(result)
+    assert "| ours-lora |" in table and "| calibration: matmul |" in table
+
+
+def test_the_readme_table_is_what_the_committed_results_give():
+    readme = bench.README.read_text()
+    start = readme.index(bench.TABLE_START) + len(bench.TABLE_START)
+    section = readme[start : readme.index(bench.TABLE_END)].strip()
+    assert section == bench.readme_table(), "run: python -m benchmarks.finetune_speed --table"
 
 
 def test_device_names_become_file_names():
     assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert bench.slug("cpu") == "cpu"
+
+
+def test_targets_report_the_measured_ratio():
+    def row(name, speed, acc, peak):
+        return {"variant": name, "examples_per_s": speed, "unseen_test_acc": acc,
+                "peak_mem_mib": peak}  # fmt: skip
+
+    rows = [
+        row("naive-lora", 10, 90, 50),
+        row("ours-lora", 60, 91, 20),
+        row("ours-full", 50, 92, 40),
+    ]
+    met = {
+        target.split(" examples")[0]: (ok, measured) for target, ok, measured in bench.targets(rows)
+    }
+    assert met["ours-lora >= 5.0x naive-lora"] == (True, "6.00x, accuracy +1.00 points")
+    assert met["ours-lora >= 1.5x peft-lora"] == (None, "not measured")
+    assert met["ours-lora >= 1.3x ours-full"][0] is False  # 1.2x
+
+
+# --- the levers ------------------------------------------------------------------------------
+
+
+def test_lever_study_flips_one_lever_at_a_time():
+    on_cpu = lv.lever_study_levers(CPU)
+    assert set(on_cpu) == {
+        "without sdpa",
+        "without pad_per_batch",
+        "without length_buckets",
+        "without last_token_head",
+        "without fused_adamw",
+    }
+    for levers in on_cpu.values():
+        changed = [
+            f.name for f in fields(lv.Levers) if getattr(levers, f.name) != getattr(lv.OURS, f.name)
+        ]
+        assert len(changed) == 1
+    assert not any(
+        getattr(lv.NAIVE, f.name) for f in fields(lv.Levers) if f.name != "length_buckets"
+    )
+
+
+class WordTokenizer:
+    """One token per word: 'spam' words are odd ids, 'ham' words even ones."""
+
+    def encode(self, text):
+        return [int(w) for w in text.split()]
+
+
+def toy_split(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    messages = []
+    for i in range(n):
+        label = "spam" if i % 2 else "ham"
+        length = int(torch.randint(2, 14, (), generator=g)) + (6 if label == "spam" else 0)
+        ids = 2 * torch.randint(0, 40, (length,), generator=g) + (label == "spam")
+        messages.append((label, " ".join(map(str, ids.tolist()))))
+    return {"train": messages, "validation": messages[:16], "test": messages[:16]}
+
+
+@pytest.fixture
+def base() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(gpt_config("scratch-tiny", context_length=32)).eval()
+
+
+def test_loaders_pad_as_the_levers_say():
+    loaders = message_loaders(toy_split(), WordTokenizer(), 8, 32, pad_multiple=1)
+    longest = max(len(ids) for ids in loaders["train"].dataset.ids)
+    widths, first = {}, {}
+    for name, levers in (("ours", lv.OURS), ("naive", lv.NAIVE)):
+        loaders["train"].batch_sampler.generator.manual_seed(1)  # as finetune does
+        batches = list(lv.loaders_for(loaders, levers, longest, seed=1)["train"])
+        widths[name] = sum(ids.shape[1] for ids, _, _ in batches)
+        first[name] = batches[0][2]
+        for ids, lengths, _ in batches:
+            assert ids.shape[1] == (longest if name == "naive" else lengths.max())
+    assert widths["ours"] < widths["naive"]
+    assert torch.equal(first["ours"], first["naive"])  # the same batches
+    random_batches = replace(lv.OURS, length_buckets=False)
+    unsorted = lv.loaders_for(loaders, random_batches, longest, seed=1)["train"]
+    assert unsorted.batch_sampler.pool_batches == 1
+
+
+def test_the_naive_head_reads_the_same_logits(base):
+    model = ft.add_classification_head(base)
+    input_ids = torch.full((2, 9), PAD_ID)
+    input_ids[0, :4], input_ids[1, :9] = torch.arange(4), torch.arange(9)
+    lengths = torch.tensor([4, 9])
+    torch.testing.assert_close(
+        lv.all_positions_logits(model, input_ids, lengths),
+        ft.last_token_logits(model, input_ids, lengths),
+    )
+
+
+def test_levers_change_how_not_what(base):
+    """The same batches: the naive switches and ours train the same model (through train)."""
+    split = toy_split()
+    recipe = ft.FinetuneRecipe(epochs=2)
+    results = []
+    for levers in (lv.NAIVE, lv.OURS):
+        loaders = message_loaders(split, WordTokenizer(), 8, 32, pad_multiple=1)
+        longest = max(len(ids) for ids in loaders["train"].dataset.ids)
+        loaders = lv.loaders_for(loaders, levers, longest, recipe.seed)
+        model = ft.prepare_variant(base, "lora-r8", recipe)
+        history = lv.finetune_with(model, loaders, CPU, recipe, 1e-2, levers)
+        results.append((history, model))
+    (naive, naive_model), (ours, ours_model) = results
+    assert not any(m.use_sdpa for m in naive_model.modules() if isinstance(m, MultiHeadAttention))
+    assert ours.train_loss == pytest.approx(naive.train_loss, rel=1e-4)
+    assert ours.val_loss == pytest.approx(naive.val_loss, rel=1e-4)
+    for (name, a), b in zip(naive_model.named_parameters(), ours_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_matmul_params_count_what_every_token_passes_through(base):
+    lora = ft.prepare_variant(base, "lora-r8", ft.FULL_FINETUNE)
+    total, trainable = bench.matmul_params(lora)
+    d, layers = base.cfg.emb_dim, base.cfg.n_layers
+    frozen = layers * 12 * d * d  # q, k, v, out: 4 d²; the MLP: 8 d²
+    assert trainable == layers * 18 * 8 * d and total == frozen + trainable
+    full_total, full_trainable = bench.matmul_params(
+        ft.prepare_variant(base, "full", ft.FULL_FINETUNE)
+    )
+    assert full_total == full_trainable == frozen
+    assert bench.matmul_gflops(16, CPU, tokens=16) > 0

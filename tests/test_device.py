@@ -3,8 +3,18 @@ import time
 import pytest
 import torch
 
+from lora_helpers import device as device_module
 from lora_helpers.device import PeakMemory, get_device, has_native_bf16, median_ms, resident_mib
-from lora_helpers.train import autocast_for, lm_loss
+from lora_helpers.fast import autocast_for
+from lora_helpers.train import lm_loss
+
+
+@pytest.fixture
+def pretended_device():
+    """Capabilities are decided once per device: forget them around a test that pretends."""
+    device_module._capabilities.cache_clear()
+    yield
+    device_module._capabilities.cache_clear()
 
 
 def test_device_report(capsys):
@@ -30,7 +40,9 @@ CAPABILITIES = [((7, 5), False), ((8, 0), True), ((9, 0), True)]  # T4, A100, H1
 
 @pytest.mark.parametrize(("capability", "native"), CAPABILITIES)
 @pytest.mark.filterwarnings("ignore:CUDA is not available")  # a CPU-only machine pretends here
-def test_bf16_autocast_only_with_bf16_in_hardware(monkeypatch, capability, native):
+def test_bf16_autocast_only_with_bf16_in_hardware(
+    monkeypatch, pretended_device, capability, native
+):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
     assert has_native_bf16(cuda) is native
@@ -38,7 +50,9 @@ def test_bf16_autocast_only_with_bf16_in_hardware(monkeypatch, capability, nativ
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_on_a_cpu_only_the_language_model_loss_runs_in_bf16(monkeypatch, native, tiny_model):
+def test_on_a_cpu_only_the_language_model_loss_runs_in_bf16(
+    monkeypatch, pretended_device, native, tiny_model
+):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")

@@ -1,6 +1,7 @@
 """Data parallelism: two gloo processes on their shards train exactly like one on the batch."""
 
 import socket
+from dataclasses import replace
 from functools import partial
 from unittest import mock
 
@@ -12,12 +13,14 @@ from torch import distributed as dist
 from torch.utils.data import DataLoader
 
 from lora_helpers import distributed as dd
+from lora_helpers import fast
 from lora_helpers import finetune as ft
-from lora_helpers import train as train_module
 from lora_helpers.data import LengthBucketSampler, pad_collate
+from lora_helpers.device import capabilities
+from lora_helpers.fast import adamw
 from lora_helpers.lora import apply_lora
 from lora_helpers.model import GPTModel, gpt_config
-from lora_helpers.train import History, adamw, train
+from lora_helpers.train import History, train
 
 CPU = torch.device("cpu")
 BATCH, STEPS = 4, 3
@@ -52,7 +55,8 @@ def lora_classifier() -> GPTModel:
 def fit(model, train_loader, loss_fn, checkpoint_path=None) -> History:
     params = [p for p in model.parameters() if p.requires_grad]
     # In fp32: bf16 autocast (on CPUs with bf16 in hardware) would round far above 1e-5.
-    with mock.patch.object(train_module, "has_native_bf16", return_value=False):
+    fp32 = replace(capabilities(CPU), bf16_large_products=False)
+    with mock.patch.object(fast, "capabilities", return_value=fp32):
         return train(
             model,
             train_loader,
