@@ -57,6 +57,7 @@ import re
 import time
 import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -129,12 +130,6 @@ def peft_logits(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     attention_mask = (positions < lengths.to(input_ids.device)[:, None]).long()
     return model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
-def peft_loss(model, batch, device) -> torch.Tensor:
-    input_ids, lengths, labels = batch
-    logits = peft_logits(model, input_ids.to(device, non_blocking=True), lengths)
-    return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True))
 
 
 # --- measuring -------------------------------------------------------------------------------
@@ -216,8 +211,8 @@ def measure(
         model = build_model(variant, base, recipe).to(device)
         if variant == "peft-lora":
             history = ft.finetune(
-                model, loaders, device, recipe, lr, loss_fn=peft_loss, accuracies=False,
-                cuda_graphs=False, progress=False,
+                model, loaders, device, recipe, lr, accuracies=False, cuda_graphs=False,
+                loss_fn=partial(ft.classification_loss, logits_fn=peft_logits), progress=False,
             )  # fmt: skip
         else:
             history = lv.finetune_with(model, loaders, device, recipe, lr, levers)
