@@ -217,7 +217,7 @@ def measure(
         else:
             history = lv.finetune_with(model, loaders, device, recipe, lr, levers)
     logits_fn = peft_logits if variant == "peft-lora" else lv.logits_fn(levers)
-    _, unseen_acc = ft.test_accuracies(model, loaders, context["split"], device, logits_fn)
+    _, unseen_acc = ft.accuracy_on_test(model, loaders, context["split"], device, logits_fn)
     examples = recipe.epochs * len(loaders["train"]) * recipe.batch_size
     n_all, n_trainable = matmul_params(model)
     flops = examples * context["mean_length"] * (4 * n_all + 2 * n_trainable)
@@ -461,7 +461,18 @@ def lever_study(base, context, device, recipe, rows) -> list[dict]:
         ours = measure("ours-lora", "ours-lora", lv.OURS, base, context, device, recipe)
     study = [ours]
     for label, levers in lv.lever_study_levers(device).items():
-        study.append(measure(label, "ours-lora", levers, base, context, device, recipe))
+        try:
+            study.append(measure(label, "ours-lora", levers, base, context, device, recipe))
+        except Exception as err:  # torch.compile needs a working compiler toolchain
+            print(f"  {label}: failed ({type(err).__name__}: {str(err)[:200]})")
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+        try:
+            label = f"with 1 thread, not {threads}"
+            study.append(measure(label, "ours-lora", lv.OURS, base, context, device, recipe))
+        finally:
+            torch.set_num_threads(threads)
     print("\nWhat each lever is worth (ours-lora; x ours: its seconds over ours'):")
     for row in study:
         slower = row["seconds"] / ours["seconds"]

@@ -9,7 +9,9 @@ still trains with ``finetune.finetune`` → ``train.train``, only with other pie
 - ``last_token_head``: the class head at the last real token only, or at every position;
 - ``fused_adamw``: ``fast.adamw``, or plain ``torch.optim.AdamW``;
 - ``autocast``, ``cuda_graphs``: ``train.train``'s own switches (CUDA GPUs only);
-- ``bf16_frozen_base``: ``fast.cast_frozen_base`` (CUDA GPUs with bf16 only; off in ours).
+- ``bf16_frozen_base``: ``fast.cast_frozen_base`` (CUDA GPUs with bf16 only; off in ours);
+- ``compile``: ``torch.compile`` on the model (off in ours: on our short runs of many batch
+  shapes its compilations cost more than they save; the study measures it).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Levers:
     autocast: bool = True
     cuda_graphs: bool = True
     bf16_frozen_base: bool = False
+    compile: bool = False
 
 
 OURS = Levers()
@@ -174,6 +177,8 @@ def finetune_with(
     set_sdpa(model, levers.sdpa)
     if levers.bf16_frozen_base and levers.autocast and capabilities(device).bf16_autocast:
         cast_frozen_base(model)
+    if levers.compile:
+        model.compile(dynamic=True)  # in place: the batches come in many lengths
     optimizer = None
     if not levers.fused_adamw:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -189,6 +194,6 @@ def finetune_with(
         optimizer=optimizer,
         accuracies=False,
         autocast=levers.autocast,
-        cuda_graphs=levers.cuda_graphs,
+        cuda_graphs=levers.cuda_graphs and not levers.compile,
         progress=False,
     )

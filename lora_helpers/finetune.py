@@ -236,7 +236,7 @@ def unseen_test_mask(split: dict[str, list[Message]]) -> torch.Tensor:
     return torch.tensor([text not in seen for _, text in split["test"]])
 
 
-def test_accuracies(
+def accuracy_on_test(
     model: nn.Module,
     loaders: dict[str, DataLoader],
     split: dict[str, list[Message]],
@@ -277,7 +277,7 @@ def run_variant(
     with PeakMemory(device) as peak:
         model = prepare_variant(base, variant, recipe).to(device)
         history = finetune(model, loaders, device, recipe, recipe.learning_rate(variant))
-    test_acc, unseen_test_acc = test_accuracies(model, loaders, split, device)
+    test_acc, unseen_test_acc = accuracy_on_test(model, loaders, split, device)
     result = VariantResult(
         variant=variant,
         test_acc=test_acc,

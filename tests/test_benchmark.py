@@ -86,6 +86,7 @@ def test_lever_study_flips_one_lever_at_a_time():
         "without length_buckets",
         "without last_token_head",
         "without fused_adamw",
+        "with compile",
     }
     for levers in on_cpu.values():
         changed = [
