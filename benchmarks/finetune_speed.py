@@ -344,6 +344,21 @@ def format_markdown(result: dict) -> str:
     lines += ["", "Targets (ours-lora, same run):", ""]
     word = {True: "met", False: "**not met**", None: "not measured"}
     lines += [f"- {t}: {word[met]} ({m})" for t, met, m in targets(result["rows"])]
+    study = result.get("lever_study")
+    if study:
+        lines += [
+            "",
+            "What each lever is worth (`--lever-study`: ours-lora with one lever flipped):",
+            "",
+            "| run | seconds | × ours-lora's time | peak MiB | unseen test acc % |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in study:
+            peak = "–" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+            lines.append(
+                f"| {r['variant']} | {r['seconds']:.2f} | {r['seconds'] / study[0]['seconds']:.2f} "
+                f"| {peak} | {r['unseen_test_acc']:.1f} |"
+            )
     return "\n".join(lines)
 
 

@@ -43,6 +43,8 @@ def test_benchmark_writes_one_row_per_variant_with_exactly_the_required_keys(tmp
     assert "calibration: matmul" in printed and "ours-lora >= 5.0x naive-lora" in printed
     table = bench.format_markdown(result)
     assert "| ours-lora |" in table and "| calibration: matmul |" in table
+    study = [{**rows[1], "variant": "ours-lora"}, {**rows[1], "variant": "without sdpa"}]
+    assert "| without sdpa | " in bench.format_markdown({**result, "lever_study": study})
 
 
 def test_the_readme_table_is_what_the_committed_results_give():
