@@ -147,7 +147,32 @@ def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return r[:rank].T.contiguous(), q[:, :rank].T.contiguous()
 
 
-class LinearWithLoRA(nn.Module):
+class AdapterWrapper(nn.Module):
+    """What LinearWithLoRA and adapters.PerAdapterModule share: a ``plain`` module, one of
+    ``parts`` per named adapter, and the ``active`` adapter's name (None: the plain module).
+    ``disabled``: the plain module for now; ``merged``: the active part is in the plain weights."""
+
+    plain: nn.Module  # both are properties of each subclass, over its own submodules
+    parts: nn.ModuleDict
+    merged = False
+
+    def __init__(self):
+        super().__init__()
+        self.active: str | None = None
+        self.disabled = False
+
+    def merged_module(self) -> nn.Module:
+        """The plain module that computes what this one does with the active adapter merged in
+        (for LinearWithLoRA: once ``merge`` has put the update into the linear weight)."""
+        return self.plain
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside an adapter wrapper; any other module itself."""
+    return module.plain if isinstance(module, AdapterWrapper) else module
+
+
+class LinearWithLoRA(AdapterWrapper):
     """A frozen ``nn.Linear`` plus named LoRA updates, one of them active:
     ``linear(x) + lora(x)``; once merged, a single linear layer holding the update."""
 
@@ -164,11 +189,12 @@ class LinearWithLoRA(nn.Module):
         super().__init__()
         self.linear = linear
         self.adapters = nn.ModuleDict()
-        self.active: str | None = None  # the adapter ``forward`` adds; None: the plain layer
         self.merged = False
-        self.disabled = False
         self.add_adapter(name, rank, alpha, scaling, dropout, init)
         self.active = name
+
+    plain = property(lambda self: self.linear)
+    parts = property(lambda self: self.adapters)
 
     @torch.no_grad()
     def add_adapter(
@@ -318,18 +344,45 @@ def apply_lora(
             f"These layers already have LoRA: {already}. Apply LoRA once; to start over, build "
             "a fresh model (or load the base checkpoint again)."
         )
-    check_not_tied(model, names)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(
-            parent,
-            child,
-            LinearWithLoRA(getattr(parent, child), rank, alpha, scaling, dropout, init),
-        )
+    add_lora(model, names, "default", rank, alpha, scaling, dropout, init)
     if freeze_base:
         freeze_except_lora(model, also_train)
     return model
+
+
+def add_lora(
+    model: nn.Module,
+    names: list[str],
+    adapter: str,
+    rank: int,
+    alpha: float,
+    scaling: str = "standard",
+    dropout: float = 0.0,
+    init: str = "default",
+) -> dict[str, LoRALayer]:
+    """Give the linear layers ``names`` of ``model`` the LoRA adapter ``adapter`` (not
+    activated on layers that had adapters): a plain layer is wrapped in LinearWithLoRA, a wrapped
+    one gets one adapter more. All or nothing: every layer is checked (weight not tied, arguments
+    valid for its size) before the first is changed. Returns the new LoRA updates by layer."""
+    layers = {name: model.get_submodule(name) for name in names}
+    check_not_tied(model, [n for n, m in layers.items() if not isinstance(m, LinearWithLoRA)])
+    for layer in map(unwrap, layers.values()):
+        check_lora_args(layer.in_features, layer.out_features, rank, alpha, scaling, dropout, init)
+    added = {}
+    for name, layer in layers.items():
+        if isinstance(layer, LinearWithLoRA):
+            added[name] = layer.add_adapter(adapter, rank, alpha, scaling, dropout, init)
+        else:
+            wrapped = LinearWithLoRA(layer, rank, alpha, scaling, dropout, init, adapter)
+            replace_module(model, name, wrapped)
+            added[name] = wrapped.lora
+    return added
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in the place of ``model``'s submodule ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def check_not_tied(model: nn.Module, names: list[str]) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from . import adapters as ad
 from .data import PAD_ID
 from .gpt2 import CONV1D_WEIGHTS, gpt2_name_map
-from .lora import LinearWithLoRA, LoRALayer, lora_layers, lora_scaling
+from .lora import AdapterWrapper, LinearWithLoRA, LoRALayer, add_lora, lora_scaling, unwrap
 from .model import GPTModel
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -66,11 +66,9 @@ def save_peft_adapter(
     bias, so a head with a non-zero bias is refused unless ``drop_head_bias`` (not exact then).
     """
     name = name or ad.active_adapter(model)
-    if name not in ad.adapter_names(model):
-        raise KeyError(f"No adapter named {name!r}; the model has {ad.adapter_names(model)}")
-    if any(m.merged for m in lora_layers(model).values()):
-        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
-    layers = {n: m.adapters[name] for n, m in lora_layers(model).items() if name in m.adapters}
+    ad.check_adapter(model, name)
+    ad.check_unmerged(model)
+    layers = ad.adapter_parts(model, name, LinearWithLoRA)
     rule = _one_scaling_rule(layers)
     tensors, ranks, alphas = {}, {}, {}
     for module, parts in _gpt2_modules(layers).items():
@@ -157,20 +155,15 @@ def _exported_head(
     model: nn.Module, name: str, modules_to_save: tuple[str, ...] | list[str], drop_bias: bool
 ) -> torch.Tensor | None:
     """The weight of the classification head the adapter owns (as ``score``), or None."""
-    wrapper = dict(model.named_modules()).get("out_head")
-    owned = {
-        n for n, m in model.named_modules()
-        if isinstance(m, ad.PerAdapterModule) and name in m.versions
-    } | set(modules_to_save)  # fmt: skip
+    versions = ad.adapter_parts(model, name, ad.PerAdapterModule)
+    owned = set(versions) | set(modules_to_save)
     if owned - {"out_head"}:
         raise PeftFormatError(
             f"Only a classification out_head maps onto GPT-2 (as score); {sorted(owned)} given."
         )
     if not owned:
         return None
-    head = wrapper
-    if isinstance(wrapper, ad.PerAdapterModule):
-        head = wrapper.versions[name] if name in wrapper.versions else wrapper.original
+    head = versions["out_head"] if "out_head" in versions else unwrap(model.out_head)
     if head.bias is not None and head.bias.abs().max() > 0 and not drop_bias:
         raise PeftFormatError(
             "The out_head has a non-zero bias, but GPT2ForSequenceClassification's score has "
@@ -242,8 +235,7 @@ def load_peft_adapter(model: nn.Module, directory: str | Path, name: str = "defa
             "with save_pretrained (PEFT) or save_adapter(..., format='peft')."
         ) from err
     _check_peft_config(config)
-    if name in ad.adapter_names(model):
-        raise ValueError(f"The model already has an adapter named {name!r}.")
+    ad.check_new_adapter(model, name)
     lora_pairs, head = _read_peft_tensors(directory / PEFT_WEIGHTS_FILE)
     if not lora_pairs:
         raise PeftFormatError(f"{directory} holds no LoRA tensors (lora_A/lora_B).")
@@ -352,24 +344,14 @@ def _attach(
     """Add adapter ``name`` with the given per-layer factors (and head), all or nothing."""
     try:
         for layer_name, (a, b, rank, alpha) in updates.items():
-            layer = model.get_submodule(layer_name)
-            if isinstance(layer, LinearWithLoRA):
-                lora = layer.add_adapter(name, rank, alpha, rule, dropout)
-            else:
-                wrapped = LinearWithLoRA(layer, rank, alpha, rule, dropout, name=name)
-                ad._replace(model, layer_name, wrapped)
-                lora = wrapped.lora
+            lora = add_lora(model, [layer_name], name, rank, alpha, rule, dropout)[layer_name]
             _copy(lora.A, a, f"{layer_name} A")
             _copy(lora.B, b, f"{layer_name} B")
         if head is not None:
             device = next(model.parameters()).device
             score = nn.Linear(head.shape[1], head.shape[0], bias=False, device=device)
             _copy(score.weight, head, "score.weight (our out_head)")
-            wrapper = model.get_submodule("out_head")
-            if not isinstance(wrapper, ad.PerAdapterModule):
-                wrapper = ad.PerAdapterModule(wrapper)
-                ad._replace(model, "out_head", wrapper)
-            wrapper.versions[name] = score
+            ad.add_module_version(model, "out_head", name, score)
     except Exception:
         if name in ad.adapter_names(model):
             ad.delete_adapter(model, name)
@@ -394,7 +376,7 @@ def gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """Our plain GPT's weights under transformers' GPT-2 names (``transformer.`` prefix, Conv1D
     (in, out) layout, q/k/v fused, zero q/k/v biases where ours have none): the inverse of
     ``gpt2.load_gpt2_weights``. A vocabulary head is included only if untied."""
-    if lora_layers(model) or any(isinstance(m, ad.PerAdapterModule) for m in model.modules()):
+    if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise ValueError("Convert the plain base model: this one carries adapters (ad.unload).")
     params = dict(model.named_parameters())
     state = {}
