@@ -239,3 +239,17 @@ def test_misuse_is_refused(two_adapters, tmp_path):
         ad.set_adapter(two_adapters, "spam")
     with pytest.raises(RuntimeError, match="unmerge"), ad.disable_adapters(two_adapters):
         pass
+
+
+def test_a_merged_adapter_cannot_be_deleted_but_another_can(two_adapters):
+    ad.set_adapter(two_adapters, "spam")
+    ad.add_adapter(two_adapters, "extra", rank=2, alpha=2, targets="fc1")
+    ad.set_adapter(two_adapters, "chat")
+    merge_lora(two_adapters)
+    with pytest.raises(RuntimeError, match="'chat' is merged into the weights: unmerge_lora"):
+        ad.delete_adapter(two_adapters, "chat")
+    assert ad.adapter_names(two_adapters) == ["chat", "spam", "extra"]
+    ad.delete_adapter(two_adapters, "extra")
+    assert ad.adapter_names(two_adapters) == ["chat", "spam"]
+    with pytest.raises(KeyError, match="No adapter named 'extra'"):
+        ad.delete_adapter(two_adapters, "extra")

@@ -224,6 +224,14 @@ def test_applying_twice_is_an_error():
     assert len(lora_layers(model)) == 10
 
 
+def test_a_bad_layer_leaves_the_model_unchanged():
+    model = untied_tiny()
+    model.out_head = nn.Linear(64, 2)  # OLoRA rank 4 fits the blocks' layers, not this head
+    with pytest.raises(ValueError, match="use rank <= 2 with OLoRA"):
+        apply_lora(model, rank=4, alpha=4, targets=["attention", "head"], init="olora")
+    assert not lora_layers(model)  # checked before the first layer is wrapped
+
+
 def test_tied_head_is_refused(tiny_model):
     with pytest.raises(ValueError, match="tok_emb.weight"):
         apply_lora(tiny_model, rank=2, alpha=2, targets="head")
