@@ -189,7 +189,6 @@ class LinearWithLoRA(AdapterWrapper):
         super().__init__()
         self.linear = linear
         self.adapters = nn.ModuleDict()
-        self.merged = False
         self.add_adapter(name, rank, alpha, scaling, dropout, init)
         self.active = name
 
