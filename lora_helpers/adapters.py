@@ -30,6 +30,7 @@ from .lora import (
     add_lora,
     as_rank,
     check_lora_args,
+    layer_dims,
     lora_layers,
     lora_state_dict,
     merge_lora,
@@ -243,7 +244,7 @@ def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
             base[name] = param
             continue
         rest = name[len(owner) + 1 :]
-        for inner in ("linear.", "original."):
+        for inner in ("linear.", "embedding.", "original."):
             if rest.startswith(inner):
                 base[f"{owner}.{rest[len(inner) :]}"] = param
     return base
@@ -440,11 +441,11 @@ def expected_adapter_tensors(model: nn.Module, config: dict) -> dict[str, tuple[
     ``model`` (whose layers are checked to exist by ``_check_base``)."""
     rank, shapes = as_rank(config["rank"]), {}
     for target in config["targets"]:
-        linear = unwrap(model.get_submodule(target))
+        in_dim, out_dim = layer_dims(unwrap(model.get_submodule(target)))
         pairs = [("A", "B"), ("A0", "B0")] if config["init"] == "olora" else [("A", "B")]
         for a, b in pairs:
-            shapes[f"{target}.lora.{a}"] = (linear.in_features, rank)
-            shapes[f"{target}.lora.{b}"] = (rank, linear.out_features)
+            shapes[f"{target}.lora.{a}"] = (in_dim, rank)
+            shapes[f"{target}.lora.{b}"] = (rank, out_dim)
     for name, module in config["modules_to_save"].items():
         shapes[f"{name}.weight"] = (module["out_features"], module["in_features"])
         if module["bias"]:
@@ -540,7 +541,11 @@ def _check_base(model: nn.Module, config: dict, directory: Path) -> None:
             f"The adapter in {shown} was trained on another architecture: "
             f"{'; '.join(diffs)}. Load it onto the base it was trained on."
         )
-    layers = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | LinearWithLoRA)}
+    layers = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Embedding | LinearWithLoRA)
+    }
     missing = [t for t in config["targets"] if t not in layers]
     if missing:
         raise AdapterMismatchError(

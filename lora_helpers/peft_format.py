@@ -41,6 +41,7 @@ LAYER_MAP = {
     "mlp.c_proj": ("ff.fc2",),
 }
 OUR_TO_GPT2 = {ours: (gpt2, i) for gpt2, parts in LAYER_MAP.items() for i, ours in enumerate(parts)}
+EMBEDDING = "wte"  # GPT-2's token embedding, our tok_emb: PEFT names its factors lora_embedding_A/B
 
 
 class PeftFormatError(ValueError):
@@ -73,8 +74,11 @@ def save_peft_adapter(
     tensors, ranks, alphas = {}, {}, {}
     for module, parts in _gpt2_modules(layers).items():
         lora_a, lora_b, scaling = _fused_factors(module, parts)
-        tensors[f"{PREFIX}transformer.{module}.lora_A.weight"] = lora_a
-        tensors[f"{PREFIX}transformer.{module}.lora_B.weight"] = lora_b
+        key = f"{PREFIX}transformer.{module}"
+        if module == EMBEDDING:  # same layouts: (rank, vocabulary) and (width, rank)
+            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = lora_a, lora_b
+        else:
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = lora_a, lora_b
         ranks[module] = lora_a.shape[0]
         root = ranks[module] if rule == "standard" else math.sqrt(ranks[module])
         alphas[module] = scaling * root  # so that PEFT's alpha/rank (or /√rank) is our scaling
@@ -106,11 +110,15 @@ def _gpt2_modules(layers: dict[str, LoRALayer]) -> dict[str, list[LoRALayer | No
     """Our adapted layers grouped by the GPT-2 module they belong to (c_attn: [q, k, v])."""
     modules: dict[str, list[LoRALayer | None]] = {}
     for layer_name, lora in layers.items():
+        if layer_name == "tok_emb":
+            modules[EMBEDDING] = [lora]
+            continue
         match = re.fullmatch(r"trf_blocks\.(\d+)\.(.+)", layer_name)
         if match is None or match[2] not in OUR_TO_GPT2:
             raise PeftFormatError(
                 f"LoRA on {layer_name!r} has no PEFT equivalent: GPT-2's head is tied to the "
-                "token embedding, and only the blocks' linear layers map onto GPT-2 modules. "
+                "token embedding, and only the token embedding and the blocks' linear layers map "
+                "onto GPT-2 modules. "
                 "Train a classification head in full instead (modules_to_save)."
             )
         gpt2_name, part = OUR_TO_GPT2[match[2]]
@@ -185,9 +193,13 @@ def _peft_config(
     for module, pair in pairs.items():
         if pair == (rank, alpha):
             continue
-        kind = module.split(".", 2)[2]
+        kind = module.split(".", 2)[-1]
         same_kind = {p for m, p in pairs.items() if m.endswith(f".{kind}")}
-        key = rf"h\.\d+\.{re.escape(kind)}" if len(same_kind) == 1 else re.escape(module)
+        key = (
+            rf"h\.\d+\.{re.escape(kind)}"
+            if len(same_kind) == 1 and module != EMBEDDING
+            else re.escape(module)
+        )
         rank_pattern[key], alpha_pattern[key] = pair
     return {
         "peft_type": "LORA",
@@ -209,6 +221,8 @@ def _peft_config(
 
 
 def _module_order(module: str) -> tuple[int, int]:
+    if module == EMBEDDING:
+        return -1, 0
     block, kind = module.split(".", 2)[1:]
     return int(block), list(LAYER_MAP).index(kind)
 
@@ -276,7 +290,7 @@ def _read_peft_tensors(
     head, unknown = None, []
     for key, tensor in load_file(str(path)).items():
         short = key.removeprefix(PREFIX)
-        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", short)
+        match = re.fullmatch(r"(.+)\.lora_(?:embedding_)?([AB])(?:\.weight)?", short)
         if match:
             pairs.setdefault(match[1], {})[match[2]] = tensor
         elif short == "score.weight":
@@ -310,6 +324,10 @@ def _split_module(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, float]]:
     """Our layers' (A, B, rank, alpha) for one PEFT module. For c_attn: if the parts use
     disjoint ranks (a block-diagonal B, as we export), each part keeps only its own ones."""
+    if module.removeprefix("transformer.") == EMBEDDING:
+        rank = lora_a.shape[0]
+        alpha = scaling * (rank if rule == "standard" else math.sqrt(rank))
+        return {"tok_emb": (lora_a.T, lora_b.T, rank, alpha)}
     match = re.fullmatch(r"(?:transformer\.)?h\.(\d+)\.(.+)", module)
     if match is None or match[2] not in LAYER_MAP:
         raise PeftFormatError(

@@ -253,3 +253,19 @@ def test_a_merged_adapter_cannot_be_deleted_but_another_can(two_adapters):
     assert ad.adapter_names(two_adapters) == ["chat", "spam"]
     with pytest.raises(KeyError, match="No adapter named 'extra'"):
         ad.delete_adapter(two_adapters, "extra")
+
+
+def test_adapter_with_an_embedding_update_round_trips(base, tmp_path):
+    model = copy.deepcopy(base)
+    model.out_head = nn.Linear(64, 2)
+    apply_lora(model, rank=4, alpha=4, targets=["blocks", "tok_emb"], also_train=["out_head"])
+    with torch.no_grad():
+        model.tok_emb.lora.A.normal_(std=0.1)
+    randomise(model, "default")
+    expected = model(IDX)
+    ad.save_adapter(model, tmp_path / "clf", modules_to_save=["out_head"])
+    fresh = copy.deepcopy(base)  # its head is tied to the table: the update still loads
+    ad.load_adapter(fresh, tmp_path / "clf")
+    torch.testing.assert_close(fresh(IDX), expected, rtol=0, atol=1e-6)
+    with ad.disable_adapters(fresh):
+        torch.testing.assert_close(fresh(IDX), base(IDX), rtol=0, atol=0)
