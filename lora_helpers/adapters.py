@@ -25,15 +25,19 @@ from torch import nn
 from . import __version__
 from .data import sha256_of
 from .lora import (
+    AdapterWrapper,
     LinearWithLoRA,
+    add_lora,
     as_rank,
     check_lora_args,
-    check_not_tied,
+    layer_dims,
     lora_layers,
     lora_state_dict,
     merge_lora,
+    replace_module,
     resolve_targets,
     unmerge_lora,
+    unwrap,
 )
 from .model import GPTConfig
 from .settings import display_path
@@ -51,7 +55,7 @@ class AdapterMismatchError(AdapterLoadError):
     """An adapter file does not fit the model it is loaded onto."""
 
 
-class PerAdapterModule(nn.Module):
+class PerAdapterModule(AdapterWrapper):
     """A module an adapter replaces or trains in full (e.g. a new head): the original, plus one
     version per adapter. ``forward`` uses the active adapter's version, else the original."""
 
@@ -59,33 +63,56 @@ class PerAdapterModule(nn.Module):
         super().__init__()
         self.original = original
         self.versions = nn.ModuleDict()
-        self.active: str | None = None
-        self.disabled = False
+
+    plain = property(lambda self: self.original)
+    parts = property(lambda self: self.versions)
 
     def current(self) -> nn.Module:
         if self.disabled or self.active not in self.versions:
             return self.original
         return self.versions[self.active]
 
+    merged_module = current  # an adapter's own module is all there is to merge
+
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
 
 
-def _wrappers(model: nn.Module) -> dict[str, nn.Module]:
-    return {
-        n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA | PerAdapterModule)
-    }
+def _wrappers(model: nn.Module) -> dict[str, AdapterWrapper]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterWrapper)}
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
+def adapter_parts(model: nn.Module, name: str, kind: type[AdapterWrapper]) -> dict[str, nn.Module]:
+    """Adapter ``name``'s part in each wrapper of type ``kind`` (its LoRA updates in the
+    LinearWithLoRA layers, its own modules in the PerAdapterModules), by module name."""
+    wrappers = _wrappers(model).items()
+    return {n: w.parts[name] for n, w in wrappers if isinstance(w, kind) and name in w.parts}
 
 
 def adapter_names(model: nn.Module) -> list[str]:
     """The names of the adapters on ``model``, in the order they were added."""
     names = [n for m in lora_layers(model).values() for n in m.adapters]
     return list(dict.fromkeys(names))
+
+
+def check_new_adapter(model: nn.Module, name: str) -> None:
+    """Raise ValueError if ``model`` already has an adapter named ``name``."""
+    if name in adapter_names(model):
+        raise ValueError(f"The model already has an adapter named {name!r}: {adapter_names(model)}")
+
+
+def check_adapter(model: nn.Module, name: str) -> None:
+    """Raise KeyError unless ``model`` has an adapter named ``name``."""
+    if name not in adapter_names(model):
+        raise KeyError(f"No adapter named {name!r}; the model has {adapter_names(model)}")
+
+
+def check_unmerged(model: nn.Module, name: str | None = None) -> None:
+    """Raise RuntimeError if an adapter (adapter ``name``, if given) is merged into the weights."""
+    merged = {w.active for w in _wrappers(model).values() if w.merged}
+    if merged and (name is None or name in merged):
+        what = "An adapter is" if name is None else f"{name!r} is"
+        raise RuntimeError(f"{what} merged into the weights: unmerge_lora(model) first.")
 
 
 def add_adapter(
@@ -104,53 +131,40 @@ def add_adapter(
     ``modules_to_save`` are modules this adapter owns in full: a name (the adapter trains its
     own copy of that module) or ``{name: new_module}`` (e.g. ``{"out_head": nn.Linear(d, 2)}``).
     """
-    if name in adapter_names(model):
-        raise ValueError(f"The model already has an adapter named {name!r}: {adapter_names(model)}")
+    check_new_adapter(model, name)
     names = resolve_targets(model, targets)
-    check_not_tied(
-        model, [n for n in names if not isinstance(model.get_submodule(n), LinearWithLoRA)]
-    )
-    for layer_name in names:  # every check before the first change: all or nothing
-        layer = model.get_submodule(layer_name)
-        linear = layer.linear if isinstance(layer, LinearWithLoRA) else layer
-        check_lora_args(
-            linear.in_features, linear.out_features, rank, alpha, scaling, dropout, init
-        )
     own = modules_to_save if isinstance(modules_to_save, dict) else dict.fromkeys(modules_to_save)
     for module_name in own:
         model.get_submodule(module_name)  # raises AttributeError naming a missing module
-    for layer_name in names:
-        layer = model.get_submodule(layer_name)
-        if isinstance(layer, LinearWithLoRA):
-            layer.add_adapter(name, rank, alpha, scaling, dropout, init)
-        else:
-            _replace(
-                model, layer_name, LinearWithLoRA(layer, rank, alpha, scaling, dropout, init, name)
-            )
+    add_lora(model, names, name, rank, alpha, scaling, dropout, init)  # checks before changing
     for module_name, module in own.items():
-        wrapper = model.get_submodule(module_name)
-        if not isinstance(wrapper, PerAdapterModule):
-            wrapper = PerAdapterModule(wrapper)
-            _replace(model, module_name, wrapper)
-        wrapper.versions[name] = module if module is not None else copy.deepcopy(wrapper.original)
+        add_module_version(model, module_name, name, module)
     set_adapter(model, name)
     return model
+
+
+def add_module_version(
+    model: nn.Module, module_name: str, name: str, module: nn.Module | None = None
+) -> None:
+    """Give adapter ``name`` its own version of ``model``'s module ``module_name``: ``module``,
+    or (None) a copy of the original."""
+    wrapper = model.get_submodule(module_name)
+    if not isinstance(wrapper, PerAdapterModule):
+        wrapper = PerAdapterModule(wrapper)
+        replace_module(model, module_name, wrapper)
+    wrapper.versions[name] = module if module is not None else copy.deepcopy(wrapper.original)
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the active adapter (layers without it act as plain layers) and the only
     trainable part of the model."""
-    if name not in adapter_names(model):
-        raise KeyError(f"No adapter named {name!r}; the model has {adapter_names(model)}")
-    if any(m.merged for m in lora_layers(model).values()):
-        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
-    for param in model.parameters():
-        param.requires_grad = False
+    check_adapter(model, name)
+    check_unmerged(model)
+    model.requires_grad_(False)
     for wrapper in _wrappers(model).values():
-        own = wrapper.adapters if isinstance(wrapper, LinearWithLoRA) else wrapper.versions
-        wrapper.active = name if name in own else None
-        if name in own:
-            own[name].requires_grad_(True)
+        wrapper.active = name if name in wrapper.parts else None
+        if wrapper.active is not None:
+            wrapper.parts[name].requires_grad_(True)
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -162,8 +176,7 @@ def active_adapter(model: nn.Module) -> str | None:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within this block the model computes exactly what its base model computes."""
-    if any(m.merged for m in lora_layers(model).values()):
-        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
+    check_unmerged(model)
     wrappers = _wrappers(model).values()
     for wrapper in wrappers:
         wrapper.disabled = True
@@ -176,29 +189,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; a layer left with no adapter becomes its plain module again."""
-    if name not in adapter_names(model):
-        raise KeyError(f"No adapter named {name!r}; the model has {adapter_names(model)}")
+    check_adapter(model, name)
+    check_unmerged(model, name)
     for wrapper_name, wrapper in _wrappers(model).items():
-        if isinstance(wrapper, LinearWithLoRA):
-            if wrapper.merged and wrapper.active == name:
-                raise RuntimeError(f"{name!r} is merged into the weights: unmerge_lora first.")
-            own, plain = wrapper.adapters, wrapper.linear
-        else:
-            own, plain = wrapper.versions, wrapper.original
-        if name in own:
-            del own[name]
+        if name in wrapper.parts:
+            del wrapper.parts[name]
             wrapper.active = None if wrapper.active == name else wrapper.active
-            if not own:
-                _replace(model, wrapper_name, plain)
+            if not wrapper.parts:
+                replace_module(model, wrapper_name, wrapper.plain)
 
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: back to the plain base model (in place)."""
     unmerge_lora(model)
     for name, wrapper in _wrappers(model).items():
-        _replace(
-            model, name, wrapper.linear if isinstance(wrapper, LinearWithLoRA) else wrapper.original
-        )
+        replace_module(model, name, wrapper.plain)
     return model
 
 
@@ -208,11 +213,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     would not be finite."""
     merge_lora(model, safe=safe)
     for name, wrapper in _wrappers(model).items():
-        _replace(
-            model,
-            name,
-            wrapper.linear if isinstance(wrapper, LinearWithLoRA) else wrapper.current(),
-        )
+        replace_module(model, name, wrapper.merged_module())
     return model
 
 
@@ -243,7 +244,7 @@ def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
             base[name] = param
             continue
         rest = name[len(owner) + 1 :]
-        for inner in ("linear.", "original."):
+        for inner in ("linear.", "embedding.", "original."):
             if rest.startswith(inner):
                 base[f"{owner}.{rest[len(inner) :]}"] = param
     return base
@@ -272,16 +273,10 @@ def save_adapter(
     if format != "lora_helpers":
         raise ValueError(f"Unknown adapter format {format!r}; choose 'lora_helpers' or 'peft'.")
     name = name or active_adapter(model)
-    if name not in adapter_names(model):
-        raise KeyError(f"No adapter named {name!r}; the model has {adapter_names(model)}")
-    if any(m.merged for m in lora_layers(model).values()):
-        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
-    layers = {n: m.adapters[name] for n, m in lora_layers(model).items() if name in m.adapters}
-    owned = {
-        n: w.versions[name]
-        for n, w in _wrappers(model).items()
-        if isinstance(w, PerAdapterModule) and name in w.versions
-    }
+    check_adapter(model, name)
+    check_unmerged(model)
+    layers = adapter_parts(model, name, LinearWithLoRA)
+    owned = adapter_parts(model, name, PerAdapterModule)
     owned |= {n: model.get_submodule(n) for n in modules_to_save}
     tensors = lora_state_dict(model, name)
     for module_name, module in owned.items():
@@ -446,12 +441,11 @@ def expected_adapter_tensors(model: nn.Module, config: dict) -> dict[str, tuple[
     ``model`` (whose layers are checked to exist by ``_check_base``)."""
     rank, shapes = as_rank(config["rank"]), {}
     for target in config["targets"]:
-        layer = model.get_submodule(target)
-        linear = layer.linear if isinstance(layer, LinearWithLoRA) else layer
+        in_dim, out_dim = layer_dims(unwrap(model.get_submodule(target)))
         pairs = [("A", "B"), ("A0", "B0")] if config["init"] == "olora" else [("A", "B")]
         for a, b in pairs:
-            shapes[f"{target}.lora.{a}"] = (linear.in_features, rank)
-            shapes[f"{target}.lora.{b}"] = (rank, linear.out_features)
+            shapes[f"{target}.lora.{a}"] = (in_dim, rank)
+            shapes[f"{target}.lora.{b}"] = (rank, out_dim)
     for name, module in config["modules_to_save"].items():
         shapes[f"{name}.weight"] = (module["out_features"], module["in_features"])
         if module["bias"]:
@@ -498,8 +492,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     from .peft_format import is_peft_adapter, load_peft_adapter
 
     directory = Path(directory)
-    if name in adapter_names(model):
-        raise ValueError(f"The model already has an adapter named {name!r}: {adapter_names(model)}")
+    check_new_adapter(model, name)
     if is_peft_adapter(directory):
         return load_peft_adapter(model, directory, name)
     config = read_adapter_config(directory)
@@ -548,7 +541,11 @@ def _check_base(model: nn.Module, config: dict, directory: Path) -> None:
             f"The adapter in {shown} was trained on another architecture: "
             f"{'; '.join(diffs)}. Load it onto the base it was trained on."
         )
-    layers = {n for n, m in model.named_modules() if isinstance(m, nn.Linear | LinearWithLoRA)}
+    layers = {
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Embedding | LinearWithLoRA)
+    }
     missing = [t for t in config["targets"] if t not in layers]
     if missing:
         raise AdapterMismatchError(

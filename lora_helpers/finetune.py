@@ -2,7 +2,7 @@
 
 The vocabulary head is replaced by a 2-class head that reads the hidden state of each message's
 last real token. Five ways to fine-tune are compared on the same split and budget: the head
-only, the last block + head, every weight, and LoRA at rank 8 and 16 (+ head).
+only, the last block + head, every weight, and LoRA at rank 8 and 16 (+ head) on the blocks and the token embedding.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ class FinetuneRecipe:
     learning_rates: dict[str, float] = field(
         default_factory=lambda: {"head": 1e-3, "last-block": 3e-4, "full": 1e-4, "lora": 1e-3}
     )
-    lora_targets: str = "blocks"  # every linear layer of the transformer blocks
+    # Every linear layer of the blocks, and the token embedding: in a small model the embedding
+    # table holds most weights and what single words ("FREE", "£") mean (notebook 06).
+    lora_targets: str | tuple[str, ...] = ("tok_emb", "blocks")
     lora_dropout: float = 0.0
     max_messages: int | None = None  # per split (quick mode only)
     seed: int = 123

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import SupportsIndex
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .model import GPTConfig
@@ -147,7 +148,32 @@ def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     return r[:rank].T.contiguous(), q[:, :rank].T.contiguous()
 
 
-class LinearWithLoRA(nn.Module):
+class AdapterWrapper(nn.Module):
+    """What LinearWithLoRA and adapters.PerAdapterModule share: a ``plain`` module, one of
+    ``parts`` per named adapter, and the ``active`` adapter's name (None: the plain module).
+    ``disabled``: the plain module for now; ``merged``: the active part is in the plain weights."""
+
+    plain: nn.Module  # both are properties of each subclass, over its own submodules
+    parts: nn.ModuleDict
+    merged = False
+
+    def __init__(self):
+        super().__init__()
+        self.active: str | None = None
+        self.disabled = False
+
+    def merged_module(self) -> nn.Module:
+        """The plain module that computes what this one does with the active adapter merged in
+        (for LinearWithLoRA: once ``merge`` has put the update into the linear weight)."""
+        return self.plain
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside an adapter wrapper; any other module itself."""
+    return module.plain if isinstance(module, AdapterWrapper) else module
+
+
+class LinearWithLoRA(AdapterWrapper):
     """A frozen ``nn.Linear`` plus named LoRA updates, one of them active:
     ``linear(x) + lora(x)``; once merged, a single linear layer holding the update."""
 
@@ -164,11 +190,11 @@ class LinearWithLoRA(nn.Module):
         super().__init__()
         self.linear = linear
         self.adapters = nn.ModuleDict()
-        self.active: str | None = None  # the adapter ``forward`` adds; None: the plain layer
-        self.merged = False
-        self.disabled = False
         self.add_adapter(name, rank, alpha, scaling, dropout, init)
         self.active = name
+
+    plain = property(lambda self: self.linear)
+    parts = property(lambda self: self.adapters)
 
     @torch.no_grad()
     def add_adapter(
@@ -181,18 +207,17 @@ class LinearWithLoRA(nn.Module):
         init: str = "default",
     ) -> LoRALayer:
         """Add a new named adapter (not activated)."""
-        linear, rank = self.linear, as_rank(rank)
-        check_lora_args(
-            linear.in_features, linear.out_features, rank, alpha, scaling, dropout, init
-        )
+        in_dim, out_dim = layer_dims(self.plain)
+        rank = as_rank(rank)
+        check_lora_args(in_dim, out_dim, rank, alpha, scaling, dropout, init)
         if name in self.adapters:
             raise ValueError(f"This layer already has an adapter named {name!r}.")
-        lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, scaling, dropout)
-        lora.to(linear.weight.device)
+        lora = LoRALayer(in_dim, out_dim, rank, alpha, scaling, dropout)
+        lora.to(self.plain.weight.device)
         if init == "gaussian":
             nn.init.normal_(lora.A, std=1 / rank)
         elif init == "olora":
-            a, b = olora_factors(linear.weight, rank)
+            a, b = olora_factors(self.plain.weight, rank)
             lora.A.copy_(a)
             lora.B.copy_(b)
             lora.A0, lora.B0 = a.clone(), b.clone()
@@ -212,10 +237,14 @@ class LinearWithLoRA(nn.Module):
             return self.linear(x)
         return self.linear(x) + self.lora(x)
 
+    def weight_delta(self) -> torch.Tensor:
+        """The active update in the layout of the wrapped layer's weight (out × in)."""
+        return self.lora.delta_weight()
+
     def merged_weight(self) -> torch.Tensor:
-        """What the linear weight becomes when the active update is merged into it."""
-        weight = self.linear.weight
-        return weight + self.lora.delta_weight().to(weight.dtype)
+        """What the wrapped weight becomes when the active update is merged into it."""
+        weight = self.plain.weight
+        return weight + self.weight_delta().to(weight.dtype)
 
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:
@@ -229,7 +258,7 @@ class LinearWithLoRA(nn.Module):
                 "Merging would put inf/NaN into the weight (the LoRA update is not finite or "
                 "overflows this dtype); the layer is left unmerged."
             )
-        self.linear.weight.copy_(merged)
+        self.plain.weight.copy_(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -237,9 +266,87 @@ class LinearWithLoRA(nn.Module):
         """Subtract the update again (a no-op if not merged)."""
         if not self.merged:
             return
-        weight = self.linear.weight
-        weight.sub_(self.lora.delta_weight().to(weight.dtype))
+        weight = self.plain.weight
+        weight.sub_(self.weight_delta().to(weight.dtype))
         self.merged = False
+
+
+class EmbeddingWithLoRA(LinearWithLoRA):
+    """A frozen ``nn.Embedding`` plus named LoRA updates. Looking a token up multiplies a one-hot
+    row by the table, so the update is a row of ``A`` (vocab × rank) times ``B``. As in PEFT, A
+    starts at zero and B random (a lookup reads a single row of A: a random A would barely move
+    B); B ~ N(0, 1/rank) keeps the update's first steps the same size at any rank."""
+
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        rank: int,
+        alpha: float,
+        scaling: str = "standard",
+        dropout: float = 0.0,
+        init: str = "default",
+        name: str = "default",
+    ):
+        AdapterWrapper.__init__(self)
+        self.embedding = embedding
+        self.adapters = nn.ModuleDict()
+        self.add_adapter(name, rank, alpha, scaling, dropout, init)
+        self.active = name
+
+    plain = property(lambda self: self.embedding)
+
+    @torch.no_grad()
+    def add_adapter(
+        self,
+        name: str,
+        rank: int,
+        alpha: float,
+        scaling: str = "standard",
+        dropout: float = 0.0,
+        init: str = "default",
+    ) -> LoRALayer:
+        """Add a new named adapter (not activated)."""
+        check_embedding_args(init, dropout)
+        lora = super().add_adapter(name, rank, alpha, scaling, dropout, init)
+        nn.init.zeros_(lora.A)
+        nn.init.normal_(lora.B, std=1 / math.sqrt(lora.rank))
+        return lora
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled or self.active is None:
+            return self.embedding(ids)
+        lora = self.lora
+        return self.embedding(ids) + lora.scaling * (F.embedding(ids, lora.A) @ lora.B)
+
+    def weight_delta(self) -> torch.Tensor:
+        """The active update in the embedding table's layout (vocab × dim): scaling · A B."""
+        return self.lora.delta_weight().T
+
+    @torch.no_grad()
+    def merge(self, safe: bool = True) -> None:
+        """Merge into a copy of the table, so that an output layer tied to it (GPT-2's) keeps
+        reading the frozen table, as it does unmerged."""
+        if self.merged or self.active is None:
+            return
+        weight = self.embedding.weight
+        self.embedding.weight = nn.Parameter(weight.clone(), requires_grad=weight.requires_grad)
+        super().merge(safe)
+
+
+def check_embedding_args(init: str, dropout: float) -> None:
+    """An embedding's LoRA starts one way (A zero, B random) and drops nothing of a one-hot row."""
+    if init != "default" or dropout:
+        raise ValueError(
+            f"LoRA on an embedding takes init='default' and dropout=0 (got init={init!r}, "
+            f"dropout={dropout}): leave the embedding out of the targets to use them."
+        )
+
+
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a linear layer, or of an embedding seen as one (vocabulary, width)."""
+    if isinstance(layer, nn.Embedding):
+        return layer.num_embeddings, layer.embedding_dim
+    return layer.in_features, layer.out_features
 
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
@@ -258,14 +365,15 @@ def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
 
 
 def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The target candidates: plain linear layers and LoRA-wrapped ones (not their insides)."""
+    """The target candidates: plain linear layers and embeddings, and LoRA-wrapped ones (not
+    their insides)."""
     layers, wrapped = {}, []
     for name, module in model.named_modules():
         if any(name.startswith(prefix) for prefix in wrapped):
             continue
         if isinstance(module, LinearWithLoRA):
             wrapped.append(f"{name}.")
-        if isinstance(module, (nn.Linear, LinearWithLoRA)):
+        if isinstance(module, (nn.Linear, nn.Embedding, LinearWithLoRA)):
             layers[name] = module
     return layers
 
@@ -318,18 +426,51 @@ def apply_lora(
             f"These layers already have LoRA: {already}. Apply LoRA once; to start over, build "
             "a fresh model (or load the base checkpoint again)."
         )
-    check_not_tied(model, names)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(
-            parent,
-            child,
-            LinearWithLoRA(getattr(parent, child), rank, alpha, scaling, dropout, init),
-        )
+    add_lora(model, names, "default", rank, alpha, scaling, dropout, init)
     if freeze_base:
         freeze_except_lora(model, also_train)
     return model
+
+
+def add_lora(
+    model: nn.Module,
+    names: list[str],
+    adapter: str,
+    rank: int,
+    alpha: float,
+    scaling: str = "standard",
+    dropout: float = 0.0,
+    init: str = "default",
+) -> dict[str, LoRALayer]:
+    """Give the linear layers ``names`` of ``model`` the LoRA adapter ``adapter`` (not
+    activated on layers that had adapters): a plain layer is wrapped in LinearWithLoRA, a wrapped
+    one gets one adapter more. All or nothing: every layer is checked (weight not tied, arguments
+    valid for its size) before the first is changed. Returns the new LoRA updates by layer."""
+    layers = {name: model.get_submodule(name) for name in names}
+    # An embedding may be tied to the output layer: its update changes lookups only (see
+    # EmbeddingWithLoRA.merge), so only linear layers must have a weight of their own.
+    plain_linear = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
+    check_not_tied(model, plain_linear)
+    for layer in map(unwrap, layers.values()):
+        check_lora_args(*layer_dims(layer), rank, alpha, scaling, dropout, init)
+        if isinstance(layer, nn.Embedding):
+            check_embedding_args(init, dropout)
+    added = {}
+    for name, layer in layers.items():
+        if isinstance(layer, LinearWithLoRA):
+            added[name] = layer.add_adapter(adapter, rank, alpha, scaling, dropout, init)
+        else:
+            wrapper = EmbeddingWithLoRA if isinstance(layer, nn.Embedding) else LinearWithLoRA
+            wrapped = wrapper(layer, rank, alpha, scaling, dropout, init, adapter)
+            replace_module(model, name, wrapped)
+            added[name] = wrapped.lora
+    return added
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` in the place of ``model``'s submodule ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def check_not_tied(model: nn.Module, names: list[str]) -> None:

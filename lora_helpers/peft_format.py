@@ -28,7 +28,7 @@ from torch import nn
 from . import adapters as ad
 from .data import PAD_ID
 from .gpt2 import CONV1D_WEIGHTS, gpt2_name_map
-from .lora import LinearWithLoRA, LoRALayer, lora_layers, lora_scaling
+from .lora import AdapterWrapper, LinearWithLoRA, LoRALayer, add_lora, lora_scaling, unwrap
 from .model import GPTModel
 
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -41,6 +41,7 @@ LAYER_MAP = {
     "mlp.c_proj": ("ff.fc2",),
 }
 OUR_TO_GPT2 = {ours: (gpt2, i) for gpt2, parts in LAYER_MAP.items() for i, ours in enumerate(parts)}
+EMBEDDING = "wte"  # GPT-2's token embedding, our tok_emb: PEFT names its factors lora_embedding_A/B
 
 
 class PeftFormatError(ValueError):
@@ -66,17 +67,18 @@ def save_peft_adapter(
     bias, so a head with a non-zero bias is refused unless ``drop_head_bias`` (not exact then).
     """
     name = name or ad.active_adapter(model)
-    if name not in ad.adapter_names(model):
-        raise KeyError(f"No adapter named {name!r}; the model has {ad.adapter_names(model)}")
-    if any(m.merged for m in lora_layers(model).values()):
-        raise RuntimeError("An adapter is merged into the weights: unmerge_lora(model) first.")
-    layers = {n: m.adapters[name] for n, m in lora_layers(model).items() if name in m.adapters}
+    ad.check_adapter(model, name)
+    ad.check_unmerged(model)
+    layers = ad.adapter_parts(model, name, LinearWithLoRA)
     rule = _one_scaling_rule(layers)
     tensors, ranks, alphas = {}, {}, {}
     for module, parts in _gpt2_modules(layers).items():
         lora_a, lora_b, scaling = _fused_factors(module, parts)
-        tensors[f"{PREFIX}transformer.{module}.lora_A.weight"] = lora_a
-        tensors[f"{PREFIX}transformer.{module}.lora_B.weight"] = lora_b
+        key = f"{PREFIX}transformer.{module}"
+        if module == EMBEDDING:  # same layouts: (rank, vocabulary) and (width, rank)
+            tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = lora_a, lora_b
+        else:
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = lora_a, lora_b
         ranks[module] = lora_a.shape[0]
         root = ranks[module] if rule == "standard" else math.sqrt(ranks[module])
         alphas[module] = scaling * root  # so that PEFT's alpha/rank (or /√rank) is our scaling
@@ -108,11 +110,15 @@ def _gpt2_modules(layers: dict[str, LoRALayer]) -> dict[str, list[LoRALayer | No
     """Our adapted layers grouped by the GPT-2 module they belong to (c_attn: [q, k, v])."""
     modules: dict[str, list[LoRALayer | None]] = {}
     for layer_name, lora in layers.items():
+        if layer_name == "tok_emb":
+            modules[EMBEDDING] = [lora]
+            continue
         match = re.fullmatch(r"trf_blocks\.(\d+)\.(.+)", layer_name)
         if match is None or match[2] not in OUR_TO_GPT2:
             raise PeftFormatError(
                 f"LoRA on {layer_name!r} has no PEFT equivalent: GPT-2's head is tied to the "
-                "token embedding, and only the blocks' linear layers map onto GPT-2 modules. "
+                "token embedding, and only the token embedding and the blocks' linear layers map "
+                "onto GPT-2 modules. "
                 "Train a classification head in full instead (modules_to_save)."
             )
         gpt2_name, part = OUR_TO_GPT2[match[2]]
@@ -157,20 +163,15 @@ def _exported_head(
     model: nn.Module, name: str, modules_to_save: tuple[str, ...] | list[str], drop_bias: bool
 ) -> torch.Tensor | None:
     """The weight of the classification head the adapter owns (as ``score``), or None."""
-    wrapper = dict(model.named_modules()).get("out_head")
-    owned = {
-        n for n, m in model.named_modules()
-        if isinstance(m, ad.PerAdapterModule) and name in m.versions
-    } | set(modules_to_save)  # fmt: skip
+    versions = ad.adapter_parts(model, name, ad.PerAdapterModule)
+    owned = set(versions) | set(modules_to_save)
     if owned - {"out_head"}:
         raise PeftFormatError(
             f"Only a classification out_head maps onto GPT-2 (as score); {sorted(owned)} given."
         )
     if not owned:
         return None
-    head = wrapper
-    if isinstance(wrapper, ad.PerAdapterModule):
-        head = wrapper.versions[name] if name in wrapper.versions else wrapper.original
+    head = versions["out_head"] if "out_head" in versions else unwrap(model.out_head)
     if head.bias is not None and head.bias.abs().max() > 0 and not drop_bias:
         raise PeftFormatError(
             "The out_head has a non-zero bias, but GPT2ForSequenceClassification's score has "
@@ -192,9 +193,13 @@ def _peft_config(
     for module, pair in pairs.items():
         if pair == (rank, alpha):
             continue
-        kind = module.split(".", 2)[2]
+        kind = module.split(".", 2)[-1]
         same_kind = {p for m, p in pairs.items() if m.endswith(f".{kind}")}
-        key = rf"h\.\d+\.{re.escape(kind)}" if len(same_kind) == 1 else re.escape(module)
+        key = (
+            rf"h\.\d+\.{re.escape(kind)}"
+            if len(same_kind) == 1 and module != EMBEDDING
+            else re.escape(module)
+        )
         rank_pattern[key], alpha_pattern[key] = pair
     return {
         "peft_type": "LORA",
@@ -216,6 +221,8 @@ def _peft_config(
 
 
 def _module_order(module: str) -> tuple[int, int]:
+    if module == EMBEDDING:
+        return -1, 0
     block, kind = module.split(".", 2)[1:]
     return int(block), list(LAYER_MAP).index(kind)
 
@@ -242,8 +249,7 @@ def load_peft_adapter(model: nn.Module, directory: str | Path, name: str = "defa
             "with save_pretrained (PEFT) or save_adapter(..., format='peft')."
         ) from err
     _check_peft_config(config)
-    if name in ad.adapter_names(model):
-        raise ValueError(f"The model already has an adapter named {name!r}.")
+    ad.check_new_adapter(model, name)
     lora_pairs, head = _read_peft_tensors(directory / PEFT_WEIGHTS_FILE)
     if not lora_pairs:
         raise PeftFormatError(f"{directory} holds no LoRA tensors (lora_A/lora_B).")
@@ -284,7 +290,7 @@ def _read_peft_tensors(
     head, unknown = None, []
     for key, tensor in load_file(str(path)).items():
         short = key.removeprefix(PREFIX)
-        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", short)
+        match = re.fullmatch(r"(.+)\.lora_(?:embedding_)?([AB])(?:\.weight)?", short)
         if match:
             pairs.setdefault(match[1], {})[match[2]] = tensor
         elif short == "score.weight":
@@ -318,6 +324,10 @@ def _split_module(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, float]]:
     """Our layers' (A, B, rank, alpha) for one PEFT module. For c_attn: if the parts use
     disjoint ranks (a block-diagonal B, as we export), each part keeps only its own ones."""
+    if module.removeprefix("transformer.") == EMBEDDING:
+        rank = lora_a.shape[0]
+        alpha = scaling * (rank if rule == "standard" else math.sqrt(rank))
+        return {"tok_emb": (lora_a.T, lora_b.T, rank, alpha)}
     match = re.fullmatch(r"(?:transformer\.)?h\.(\d+)\.(.+)", module)
     if match is None or match[2] not in LAYER_MAP:
         raise PeftFormatError(
@@ -352,24 +362,14 @@ def _attach(
     """Add adapter ``name`` with the given per-layer factors (and head), all or nothing."""
     try:
         for layer_name, (a, b, rank, alpha) in updates.items():
-            layer = model.get_submodule(layer_name)
-            if isinstance(layer, LinearWithLoRA):
-                lora = layer.add_adapter(name, rank, alpha, rule, dropout)
-            else:
-                wrapped = LinearWithLoRA(layer, rank, alpha, rule, dropout, name=name)
-                ad._replace(model, layer_name, wrapped)
-                lora = wrapped.lora
+            lora = add_lora(model, [layer_name], name, rank, alpha, rule, dropout)[layer_name]
             _copy(lora.A, a, f"{layer_name} A")
             _copy(lora.B, b, f"{layer_name} B")
         if head is not None:
             device = next(model.parameters()).device
             score = nn.Linear(head.shape[1], head.shape[0], bias=False, device=device)
             _copy(score.weight, head, "score.weight (our out_head)")
-            wrapper = model.get_submodule("out_head")
-            if not isinstance(wrapper, ad.PerAdapterModule):
-                wrapper = ad.PerAdapterModule(wrapper)
-                ad._replace(model, "out_head", wrapper)
-            wrapper.versions[name] = score
+            ad.add_module_version(model, "out_head", name, score)
     except Exception:
         if name in ad.adapter_names(model):
             ad.delete_adapter(model, name)
@@ -394,7 +394,7 @@ def gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """Our plain GPT's weights under transformers' GPT-2 names (``transformer.`` prefix, Conv1D
     (in, out) layout, q/k/v fused, zero q/k/v biases where ours have none): the inverse of
     ``gpt2.load_gpt2_weights``. A vocabulary head is included only if untied."""
-    if lora_layers(model) or any(isinstance(m, ad.PerAdapterModule) for m in model.modules()):
+    if any(isinstance(m, AdapterWrapper) for m in model.modules()):
         raise ValueError("Convert the plain base model: this one carries adapters (ad.unload).")
     params = dict(model.named_parameters())
     state = {}

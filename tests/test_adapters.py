@@ -239,3 +239,33 @@ def test_misuse_is_refused(two_adapters, tmp_path):
         ad.set_adapter(two_adapters, "spam")
     with pytest.raises(RuntimeError, match="unmerge"), ad.disable_adapters(two_adapters):
         pass
+
+
+def test_a_merged_adapter_cannot_be_deleted_but_another_can(two_adapters):
+    ad.set_adapter(two_adapters, "spam")
+    ad.add_adapter(two_adapters, "extra", rank=2, alpha=2, targets="fc1")
+    ad.set_adapter(two_adapters, "chat")
+    merge_lora(two_adapters)
+    with pytest.raises(RuntimeError, match="'chat' is merged into the weights: unmerge_lora"):
+        ad.delete_adapter(two_adapters, "chat")
+    assert ad.adapter_names(two_adapters) == ["chat", "spam", "extra"]
+    ad.delete_adapter(two_adapters, "extra")
+    assert ad.adapter_names(two_adapters) == ["chat", "spam"]
+    with pytest.raises(KeyError, match="No adapter named 'extra'"):
+        ad.delete_adapter(two_adapters, "extra")
+
+
+def test_adapter_with_an_embedding_update_round_trips(base, tmp_path):
+    model = copy.deepcopy(base)
+    model.out_head = nn.Linear(64, 2)
+    apply_lora(model, rank=4, alpha=4, targets=["blocks", "tok_emb"], also_train=["out_head"])
+    with torch.no_grad():
+        model.tok_emb.lora.A.normal_(std=0.1)
+    randomise(model, "default")
+    expected = model(IDX)
+    ad.save_adapter(model, tmp_path / "clf", modules_to_save=["out_head"])
+    fresh = copy.deepcopy(base)  # its head is tied to the table: the update still loads
+    ad.load_adapter(fresh, tmp_path / "clf")
+    torch.testing.assert_close(fresh(IDX), expected, rtol=0, atol=1e-6)
+    with ad.disable_adapters(fresh):
+        torch.testing.assert_close(fresh(IDX), base(IDX), rtol=0, atol=0)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lora_helpers.lora import (
+    EmbeddingWithLoRA,
     LinearWithLoRA,
     LoRAAlreadyAppliedError,
     LoRALayer,
@@ -224,6 +225,14 @@ def test_applying_twice_is_an_error():
     assert len(lora_layers(model)) == 10
 
 
+def test_a_bad_layer_leaves_the_model_unchanged():
+    model = untied_tiny()
+    model.out_head = nn.Linear(64, 2)  # OLoRA rank 4 fits the blocks' layers, not this head
+    with pytest.raises(ValueError, match="use rank <= 2 with OLoRA"):
+        apply_lora(model, rank=4, alpha=4, targets=["attention", "head"], init="olora")
+    assert not lora_layers(model)  # checked before the first layer is wrapped
+
+
 def test_tied_head_is_refused(tiny_model):
     with pytest.raises(ValueError, match="tok_emb.weight"):
         apply_lora(tiny_model, rank=2, alpha=2, targets="head")
@@ -292,3 +301,45 @@ def test_closed_form_lora_counts_match_real_modules(preset, group, rank):
         apply_lora(model, rank=rank, alpha=rank, targets=group)
     lora_params = sum(p.numel() for n, p in model.named_parameters() if is_lora_parameter(n))
     assert lora_params == expected_lora_parameters(model.cfg, rank, group, head_out=512)
+
+
+def test_embedding_lora_starts_at_the_base_and_adds_a_row_of_a_times_b():
+    model = untied_tiny()
+    base_logits = model(IDX)
+    apply_lora(model, rank=4, alpha=8, targets=["tok_emb"])
+    layer = model.tok_emb
+    assert isinstance(layer, EmbeddingWithLoRA) and (layer.lora.A == 0).all()
+    torch.testing.assert_close(model(IDX), base_logits, rtol=0, atol=0)
+    with torch.no_grad():
+        layer.lora.A.normal_()
+    expected = layer.embedding(IDX) + 2.0 * layer.lora.A[IDX] @ layer.lora.B
+    torch.testing.assert_close(layer(IDX), expected)
+    trainable = count_parameters(model, trainable_only=True)
+    assert trainable == lora_parameter_count(1000, model.cfg.emb_dim, 4) == 1000 * 4 + 4 * 64
+
+
+def test_embedding_merge_leaves_a_tied_head_on_the_frozen_table():
+    torch.manual_seed(0)
+    model = GPTModel(gpt_config("scratch-tiny", vocab_size=1000)).eval()  # head tied to tok_emb
+    head = model.out_head.weight.detach().clone()
+    apply_lora(model, rank=4, alpha=4, targets=["blocks", "tok_emb"])
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora.A.normal_(std=0.1)
+            layer.lora.B.normal_(std=0.1)
+    before = model(IDX)
+    assert merge_lora(model) == 13  # 12 linear layers of 2 blocks, and the embedding
+    torch.testing.assert_close(model(IDX), before, rtol=0, atol=1e-5)
+    assert torch.equal(model.out_head.weight, head)  # the head still reads the frozen table
+    assert unmerge_lora(model) == 13
+    torch.testing.assert_close(model(IDX), before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"init": "olora"}, "init='default'"), ({"dropout": 0.1}, "dropout=0")]
+)
+def test_embedding_lora_refuses_other_inits_and_dropout_changing_nothing(kwargs, message):
+    model = untied_tiny()
+    with pytest.raises(ValueError, match=message):
+        apply_lora(model, rank=2, alpha=2, targets=["blocks", "tok_emb"], **kwargs)
+    assert not lora_layers(model)

@@ -222,11 +222,11 @@ def test_peft_features_we_lack_are_refused(checkpoint, tmp_path):
         ad.load_adapter(ours(checkpoint), tmp_path)
     config_path.write_text(json.dumps(config))
     tensors = load_file(str(tmp_path / pf.PEFT_WEIGHTS_FILE))
-    tensors["base_model.model.transformer.wte.lora_A.weight"] = torch.zeros(2, 1000)
-    tensors["base_model.model.transformer.wte.lora_B.weight"] = torch.zeros(64, 2)
+    tensors["base_model.model.transformer.wpe.lora_embedding_A"] = torch.zeros(2, 64)
+    tensors["base_model.model.transformer.wpe.lora_embedding_B"] = torch.zeros(64, 2)
     save_file(tensors, str(tmp_path / pf.PEFT_WEIGHTS_FILE))
     target = ours(checkpoint)
-    with pytest.raises(pf.PeftFormatError, match="'transformer.wte' has no equivalent"):
+    with pytest.raises(pf.PeftFormatError, match="'transformer.wpe' has no equivalent"):
         ad.load_adapter(target, tmp_path)
     assert ad.adapter_names(target) == [] and not lora_layers(target)  # nothing was added
 
@@ -249,3 +249,20 @@ def test_scratch_base_converts_to_transformers(tmp_path):
         close(hf(PADDED).logits, last_token_logits(model, PADDED, LENGTHS))
     with pytest.raises(ValueError, match="carries adapters"):
         pf.gpt2_state_dict(model)
+
+
+def test_classifier_with_an_embedding_update_exports_and_imports_exactly(checkpoint, tmp_path):
+    model = ours(checkpoint)
+    head = nn.Linear(64, 2, bias=False)
+    targets = ["blocks", "tok_emb"]
+    ad.add_adapter(model, "x", 2, 4, targets=targets, modules_to_save={"out_head": head})
+    randomise(our_lora_params(model) + [head.weight])
+    ad.save_adapter(model, tmp_path, format="peft")
+    saved = load_file(str(tmp_path / pf.PEFT_WEIGHTS_FILE))
+    assert saved["base_model.model.transformer.wte.lora_embedding_A"].shape == (2, 1000)
+    hf = peft.PeftModel.from_pretrained(hf_classifier(checkpoint), tmp_path).eval()
+    with torch.no_grad():
+        ours_logits = last_token_logits(model, PADDED, LENGTHS)
+        close(hf(PADDED).logits, ours_logits)
+        back = ad.load_adapter(ours(checkpoint), tmp_path, name="y")
+        close(last_token_logits(back, PADDED, LENGTHS), ours_logits)
