@@ -139,7 +139,8 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> i
     numbers without the casts and their memory. Run such a model under bf16 autocast only
     (``capabilities(device).bf16_autocast``), and never merge adapters into it afterwards.
     """
-    frozen = [m.linear for m in lora_layers(model).values() if not m.linear.weight.requires_grad]
+    layers = [m.plain for m in lora_layers(model).values() if isinstance(m.plain, nn.Linear)]
+    frozen = [linear for linear in layers if not linear.weight.requires_grad]
     for linear in frozen:
         linear.to(dtype)
     return len(frozen)

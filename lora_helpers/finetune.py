@@ -2,7 +2,8 @@
 
 The vocabulary head is replaced by a 2-class head that reads the hidden state of each message's
 last real token. Five ways to fine-tune are compared on the same split and budget: the head
-only, the last block + head, every weight, and LoRA at rank 8 and 16 (+ head) on the blocks and the token embedding.
+only, the last block + head, every weight, and LoRA at rank 8 and 16 (+ head) on the blocks
+and the token embedding.
 """
 
 from __future__ import annotations

@@ -294,6 +294,7 @@ class EmbeddingWithLoRA(LinearWithLoRA):
         self.active = name
 
     plain = property(lambda self: self.embedding)
+    weight = property(lambda self: self.embedding.weight)  # the frozen table, as nn.Embedding
 
     @torch.no_grad()
     def add_adapter(

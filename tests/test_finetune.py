@@ -103,8 +103,9 @@ def test_variants_train_exactly_the_expected_parameters(base):
         "head": head,
         "last-block": block + 2 * emb + head,
         "full": total,
-        "lora-r8": 2 * 8 * (4 * (emb + emb) + 2 * (emb + 4 * emb)) + head,
-        "lora-r16": 2 * 16 * (4 * (emb + emb) + 2 * (emb + 4 * emb)) + head,
+        # the blocks' six linear layers, and the token embedding (vocabulary × r + r × width)
+        "lora-r8": 2 * 8 * (4 * (emb + emb) + 2 * (emb + 4 * emb)) + 8 * (50257 + emb) + head,
+        "lora-r16": 2 * 16 * (4 * (emb + emb) + 2 * (emb + 4 * emb)) + 16 * (50257 + emb) + head,
     }
     for variant, count in expected.items():
         model = ft.prepare_variant(base, variant, recipe)
