@@ -14,7 +14,8 @@ import tiktoken
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from .data import DownloadError, NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
+from .data import NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
+from .downloads import DownloadError
 from .gpt2 import load_gpt2
 from .model import GPTModel, count_parameters, gpt_config
 from .settings import artifacts_dir, display_path, is_quick
