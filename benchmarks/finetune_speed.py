@@ -55,7 +55,8 @@ from lora_helpers.fast import (
     lever_study_levers,
     train_classifier,
 )
-from lora_helpers.model import PRESETS, GPTModel, count_parameters, gpt_config
+from lora_helpers.model import PRESETS, GPTModel, gpt_config
+from lora_helpers.params import count_parameters
 from lora_helpers.tokenizer import get_tokenizer
 from lora_helpers.train import adamw
 

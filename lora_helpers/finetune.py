@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from .data import LABEL_IDS, Message
 from .device import PeakMemory
 from .lora import apply_lora, freeze_except_lora
-from .model import GPTModel, count_parameters
+from .model import GPTModel
+from .params import count_parameters
 from .settings import artifacts_dir, is_quick
 from .train import History, LossFn, adamw, autocast_for, train
 
