@@ -70,7 +70,8 @@ from lora_helpers.data import message_loaders, sms_spam_split
 from lora_helpers.device import PeakMemory, capabilities, get_device
 from lora_helpers.fast import adamw
 from lora_helpers.lora import EmbeddingWithLoRA
-from lora_helpers.model import PRESETS, GPTModel, count_parameters, gpt_config
+from lora_helpers.model import PRESETS, GPTModel, gpt_config
+from lora_helpers.params import count_parameters
 from lora_helpers.pretrain import FULL_RECIPE, base_checkpoint_path, load_base_model
 from lora_helpers.tokenizer import get_tokenizer
 

@@ -1,8 +1,24 @@
-"""Helpers shared by the LoRA from Scratch notebooks.
+"""Helpers shared by the LoRA from Scratch notebooks; each module holds code once a notebook has
+explained it:
 
-Each module holds code once a notebook has explained it: ``tokenizer`` (GPT-2 BPE),
-``data`` (verified downloads, datasets), ``model`` (the GPT), ``train`` (loop and checkpoints),
-``device`` (cuda → mps → cpu), ``plots`` (figure style) and ``settings`` (LORA_QUICK, folders).
+- ``tokenizer``: GPT-2's byte-pair encoding (tiktoken), with a clear error when it cannot load.
+- ``downloads``: verified downloads (sha256, backup addresses, timeouts, atomic renames).
+- ``data``: the datasets: corpus text, next-token windows, the SMS Spam Collection and batches.
+- ``model``: the GPT (GPT-2 architecture and presets) and ``generate``.
+- ``params``: parameter accounting: counts, reports per layer type, and their closed forms.
+- ``train``: the one training loop, evaluation, learning-rate schedule and checkpoints.
+- ``fast``: the speed-ups ``train`` uses: the autocast rule, fused AdamW, the CUDA-graph step.
+- ``trunk``: runs the frozen part of the network once, for head-only and last-block fine-tuning.
+- ``lora``: the LoRA layer, ``apply_lora`` (targets), freezing and merging.
+- ``adapters``: named adapters on one base: add, switch, disable, merge, save and load.
+- ``peft_format``: adapters in Hugging Face PEFT's format, for ``transformers``' GPT-2.
+- ``finetune``: the classifier head and notebook 06's fine-tuning variants.
+- ``pretrain``: the base model's recipe and data, ``load_base_model`` and ``choose_base``.
+- ``gpt2``: OpenAI's GPT-2 weights from the Hugging Face hub, loaded into our GPT.
+- ``distributed``: data-parallel fine-tuning under ``torchrun`` (DDP).
+- ``device``: the device (cuda → mps → cpu), native bf16, peak memory, timing.
+- ``plots``: the figure style, ``save_figure`` and the notebooks' plots.
+- ``settings``: the ``LORA_QUICK`` switch and the data, artifacts and images folders.
 """
 
 __version__ = "0.1.0"

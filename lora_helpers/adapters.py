@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .data import sha256_of
+from .downloads import sha256_of
 from .lora import (
     AdapterWrapper,
     LinearWithLoRA,

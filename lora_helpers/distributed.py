@@ -43,7 +43,7 @@ from .finetune import (
     shrink_split,
     trainable_state_dict,
 )
-from .model import count_parameters
+from .params import count_parameters
 from .pretrain import load_base_model
 from .tokenizer import get_tokenizer
 

@@ -26,7 +26,8 @@ from .data import LABEL_IDS, Message
 from .device import PeakMemory
 from .fast import adamw, autocast_for
 from .lora import apply_lora, freeze_except_lora
-from .model import GPTModel, count_parameters
+from .model import GPTModel
+from .params import count_parameters
 from .settings import artifacts_dir, is_quick
 from .train import History, LossFn, train
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .data import DownloadError, download_file
+from .downloads import DownloadError, download_file
 from .model import GPTConfig, GPTModel, gpt_config
 from .settings import data_dir
 

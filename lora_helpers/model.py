@@ -190,22 +190,6 @@ class GPTModel(nn.Module):
         return self.out_head(self.hidden_states(in_idx))
 
 
-def gpt_param_count(cfg: GPTConfig) -> int:
-    """Closed-form parameter count of ``GPTModel(cfg)`` (a tied head counts once)."""
-    d, vocab = cfg.emb_dim, cfg.vocab_size
-    attention = 4 * d * d + (3 * d if cfg.qkv_bias else 0) + d  # q, k, v, out (+ biases)
-    feed_forward = 4 * d * d + 4 * d + 4 * d * d + d  # fc1 and fc2 with biases
-    norms = 2 * 2 * d  # two LayerNorms per block, scale and shift
-    embeddings = vocab * d + cfg.context_length * d
-    head = 0 if cfg.tie_weights else vocab * d
-    return embeddings + cfg.n_layers * (attention + feed_forward + norms) + 2 * d + head
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of distinct parameters (a tied weight counts once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 @torch.no_grad()
 def generate(
     model: GPTModel,

@@ -14,10 +14,12 @@ import tiktoken
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from .data import DownloadError, NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
+from .data import NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
+from .downloads import DownloadError
 from .fast import adamw
 from .gpt2 import load_gpt2
-from .model import GPTModel, count_parameters, gpt_config
+from .model import GPTModel, gpt_config
+from .params import count_parameters
 from .settings import artifacts_dir, display_path, is_quick
 from .tokenizer import END_OF_TEXT, get_tokenizer
 from .train import History, cosine_schedule, load_checkpoint, read_checkpoint_metadata, train

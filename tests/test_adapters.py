@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_helpers import adapters as ad
-from lora_helpers.data import sha256_of
+from lora_helpers.downloads import sha256_of
 from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, merge_lora
 from lora_helpers.model import GPTModel, gpt_config
 

@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_helpers import adapters as ad
-from lora_helpers import data, finetune, gpt2, pretrain, train
-from lora_helpers.data import MessageDataset, pad_collate, sha256_of
+from lora_helpers import downloads, finetune, gpt2, pretrain, train
+from lora_helpers.data import MessageDataset, pad_collate
+from lora_helpers.downloads import sha256_of
 from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, replace_linear_with_lora
 from lora_helpers.model import GPTConfig, GPTModel, gpt_config
 from lora_helpers.tokenizer import get_tokenizer
@@ -282,8 +283,8 @@ def trickle_server():
 
 def demo_resource(monkeypatch, tmp_path, urls) -> None:
     monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path / "data"))
-    resource = data.Resource(path="demo/file.txt", sha256="0" * 64, urls=tuple(urls))
-    monkeypatch.setitem(data.RESOURCES, "demo", resource)
+    resource = downloads.Resource(path="demo/file.txt", sha256="0" * 64, urls=tuple(urls))
+    monkeypatch.setitem(downloads.RESOURCES, "demo", resource)
 
 
 def test_a_server_that_never_answers_fails_over_then_gives_a_clear_error(
@@ -291,8 +292,8 @@ def test_a_server_that_never_answers_fails_over_then_gives_a_clear_error(
 ):
     backup = hanging_server.replace("file.txt", "backup.txt")
     demo_resource(monkeypatch, tmp_path, [hanging_server, backup])
-    with pytest.raises(data.DownloadError, match="Could not download 'demo'") as err:
-        data.fetch("demo", timeout=0.2)
+    with pytest.raises(downloads.DownloadError, match="Could not download 'demo'") as err:
+        downloads.fetch("demo", timeout=0.2)
     lines = str(err.value).splitlines()
     assert any(hanging_server in line and "timed out" in line for line in lines)
     assert any(backup in line and "timed out" in line for line in lines)  # the backup was tried
@@ -301,15 +302,15 @@ def test_a_server_that_never_answers_fails_over_then_gives_a_clear_error(
 
 def test_a_download_that_never_ends_is_cut_at_its_deadline(monkeypatch, tmp_path, trickle_server):
     demo_resource(monkeypatch, tmp_path, [trickle_server])
-    with pytest.raises(data.DownloadError, match="longer than its deadline of 0.5 s"):
-        data.fetch("demo", timeout=1.0, deadline=0.5)
+    with pytest.raises(downloads.DownloadError, match="longer than its deadline of 0.5 s"):
+        downloads.fetch("demo", timeout=1.0, deadline=0.5)
     assert list((tmp_path / "data" / "demo").iterdir()) == []  # no partial file left
 
 
 def test_the_default_timeouts_fail_over_within_20_seconds():
     """Two addresses that never answer cost 2 x timeout; the resources with most addresses."""
-    timeout = inspect.signature(data.fetch).parameters["timeout"].default
-    assert max(len(r.urls) for r in data.RESOURCES.values()) * timeout <= 20
+    timeout = inspect.signature(downloads.fetch).parameters["timeout"].default
+    assert max(len(r.urls) for r in downloads.RESOURCES.values()) * timeout <= 20
 
 
 # --- GPT-2 weights ---------------------------------------------------------------------------

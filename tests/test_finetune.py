@@ -4,7 +4,8 @@ import torch
 from lora_helpers import finetune as ft
 from lora_helpers.data import PAD_ID, MessageDataset, message_loaders, pad_collate, sms_spam_split
 from lora_helpers.device import resident_mib
-from lora_helpers.model import GPTModel, MultiHeadAttention, count_parameters, gpt_config
+from lora_helpers.model import GPTModel, MultiHeadAttention, gpt_config
+from lora_helpers.params import count_parameters
 from lora_helpers.tokenizer import get_tokenizer
 
 

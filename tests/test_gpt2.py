@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_helpers import gpt2
-from lora_helpers.data import CorruptFileError, DownloadError
+from lora_helpers.downloads import CorruptFileError, DownloadError
 from lora_helpers.model import PRESETS, GPTConfig, GPTModel
 
 TINY = GPTConfig(

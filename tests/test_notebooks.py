@@ -1,27 +1,19 @@
 """The collection as a whole: badges, setup cells, exercises and solutions, run_all's stamps and
 the README's timing table. (nbval executes every notebook once, each cold: see conftest.py.)"""
 
-import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from tools import colab, run_all
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SOLUTIONS = sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
-
-
-def load_tool(name):
-    """A script of ``tools/`` imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-colab, run_all = load_tool("colab"), load_tool("run_all")
 
 
 def ids(paths):
@@ -69,9 +61,9 @@ def test_run_all_keeps_the_executed_copy_of_a_failing_notebook(tmp_path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=ids(NOTEBOOKS + SOLUTIONS))
 def test_committed_outputs_come_from_a_full_mode_run(path):
-    """Every committed notebook was executed by tools/run_all.py in full mode, without error."""
+    """Every committed notebook was executed by tools.run_all in full mode, without error."""
     info = nbformat.read(path, as_version=4).metadata.get(run_all.STAMP)
-    assert info is not None, f"{path.name} has no run_all stamp: run tools/run_all.py on it"
+    assert info is not None, f"{path.name} has no run_all stamp: run python -m tools.run_all"
     assert info["mode"] == "full", f"{path.name} was executed in {info['mode']} mode"
     assert {"device", "torch", "seconds", "date"} <= info.keys()
 
@@ -80,4 +72,16 @@ def test_readme_timing_table_is_made_from_the_stamps():
     readme = (ROOT / "README.md").read_text()
     start = readme.index(run_all.TABLE_START) + len(run_all.TABLE_START)
     table = readme[start : readme.index(run_all.TABLE_END)]
-    assert table.strip() == run_all.timing_table(), "run: python tools/run_all.py --table"
+    assert table.strip() == run_all.timing_table(), "run: python -m tools.run_all --table"
+
+
+@pytest.mark.parametrize("tool", ["run_all", "colab"])
+@pytest.mark.parametrize("style", ["module", "script"])
+def test_tools_run_as_modules_and_as_scripts(tool, style):
+    """``python -m tools.run_all`` like ``benchmarks/``; ``python tools/run_all.py`` as before."""
+    command = ["-m", f"tools.{tool}"] if style == "module" else [f"tools/{tool}.py"]
+    done = subprocess.run(
+        [sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage:" in done.stdout

@@ -97,7 +97,7 @@ def test_ablation_bases_have_their_own_checkpoint_and_corpora(monkeypatch):
 
 def test_gpt2_base_offline_falls_back_to_scratch_in_one_line(monkeypatch, tmp_path, capsys):
     from lora_helpers import gpt2
-    from lora_helpers.data import DownloadError
+    from lora_helpers.downloads import DownloadError
 
     def offline(size, timeout=10.0):
         raise DownloadError("no network")

@@ -1,8 +1,8 @@
 """Write the "Open in Colab" badge and the Colab setup cell into every notebook, and the badges
 into the README's notebook table, from the one place that names the repository and branch.
 
-    python tools/colab.py          # rewrite what is out of date
-    python tools/colab.py --check  # exit 1, listing the files, if anything is out of date
+    python -m tools.colab          # rewrite what is out of date (or: python tools/colab.py)
+    python -m tools.colab --check  # exit 1, listing the files, if anything is out of date
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """Execute every notebook in order and save the executed copies (how the committed outputs are
 refreshed), stamping each with how it ran and reporting the time each took.
 
-    python tools/run_all.py                  # full mode: what the committed outputs come from
-    LORA_QUICK=1 python tools/run_all.py     # quick mode, minutes on any CPU
-    python tools/run_all.py --only 04 06 --out /tmp/executed   # some notebooks, elsewhere
-    python tools/run_all.py --solutions --only 04_pretraining_solutions   # one solution
-    python tools/run_all.py --table          # only rewrite the README's timing table
+    python -m tools.run_all                  # full mode: what the committed outputs come from
+    LORA_QUICK=1 python -m tools.run_all     # quick mode, minutes on any CPU
+    python -m tools.run_all --only 04 06 --out /tmp/executed   # some notebooks, elsewhere
+    python -m tools.run_all --solutions --only 04_pretraining_solutions   # one solution
+    python -m tools.run_all --table          # only rewrite the README's timing table
+
+(``python tools/run_all.py ...`` does the same.)
 
 Each executed notebook's metadata gets a ``lora_from_scratch`` stamp (mode, device, torch
 version, seconds, date). The README's timing table is generated from the committed notebooks'
