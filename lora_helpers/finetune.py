@@ -11,8 +11,10 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import tiktoken
@@ -22,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import LABEL_IDS, Message
+from .data import LABEL_IDS, Message, MessageDataset
 from .device import PeakMemory
 from .fast import adamw, autocast_for
 from .lora import apply_lora, freeze_except_lora
@@ -30,6 +32,7 @@ from .model import GPTModel
 from .params import count_parameters
 from .settings import artifacts_dir, is_quick
 from .train import History, LossFn, train
+from .trunk import cached_accuracy, cached_loaders, cached_loss, cut_point
 
 VARIANTS = ("head", "last-block", "full", "lora-r8", "lora-r16")
 LABEL_NAMES = {index: name for name, index in LABEL_IDS.items()}
@@ -185,13 +188,30 @@ def finetune(
     loss_fn: LossFn = classification_loss,
     optimizer: torch.optim.Optimizer | None = None,
     accuracies: bool = True,
+    cache_trunk: bool = True,
     **train_options,
 ) -> History:
     """AdamW (``fast.adamw``, or ``optimizer``) on the trainable parameters for
     ``recipe.epochs`` epochs with ``train.train``, evaluating every epoch: the validation loss,
     and with ``accuracies`` the training/validation accuracy in ``history.metrics`` (under
     torchrun, rank 0 measures the training accuracy on its shard). ``train_options`` go to
-    ``train`` (e.g. ``progress=False``)."""
+    ``train`` (e.g. ``progress=False``).
+
+    When only the top trains (head only, last block) and ``cache_trunk``, the frozen part runs
+    once per message (``lora_helpers.trunk``) and the top trains on its cached output: the
+    same batches and the same math, far fewer computations. ``history.seconds`` includes that
+    pass."""
+    start = time.perf_counter()
+    cacheable = isinstance(loaders["train"].dataset, MessageDataset)  # messages, not features
+    use_cache = cache_trunk and cacheable and loss_fn is classification_loss
+    cut = cut_point(model) if use_cache else None
+    score = accuracy
+    if cut is not None:
+        loaders = cached_loaders(
+            model, {k: loaders[k] for k in ("train", "validation")}, device, cut
+        )
+        loss_fn, score = partial(cached_loss, cut=cut), partial(cached_accuracy, cut=cut)
+    cache_seconds = time.perf_counter() - start
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(params, lr, recipe.weight_decay, device)
@@ -200,11 +220,11 @@ def finetune(
 
     def measure_accuracies(m: nn.Module) -> dict[str, float]:
         return {
-            "train_acc": accuracy(m, loaders["train"], device),
-            "val_acc": accuracy(m, loaders["validation"], device),
+            "train_acc": score(m, loaders["train"], device),
+            "val_acc": score(m, loaders["validation"], device),
         }
 
-    return train(
+    history = train(
         model,
         loaders["train"],
         loaders["validation"],
@@ -216,6 +236,8 @@ def finetune(
         eval_metrics=measure_accuracies if accuracies else None,
         **train_options,
     )
+    history.seconds += cache_seconds  # the frozen part's one pass is part of the run's cost
+    return history
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
