@@ -445,3 +445,18 @@ def test_a_resume_file_from_another_recipe_is_refused(monkeypatch, tmp_path):
     with pytest.raises(CheckpointError, match="saved by another run .* Delete it to start over"):
         pretrain_tiny(other)
     assert resume.read_bytes() == saved  # left as it was: the first recipe can still resume
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [({"init": "olora"}, "init='olora'"), ({"dropout": 0.1}, "init='default', dropout=0.1")],
+)
+def test_lora_on_the_embedding_refuses_other_inits_and_dropout(kwargs, shown):
+    torch.manual_seed(0)
+    model = GPTModel(gpt_config("scratch-tiny", vocab_size=1000, tie_weights=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = f"LoRA on an embedding takes init='default' and dropout=0 \\(got {shown}"
+    with pytest.raises(ValueError, match=message):
+        apply_lora(model, rank=2, alpha=2, targets=["tok_emb", "blocks"], **kwargs)
+    assert not lora_layers(model)  # nothing wrapped: all or nothing
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
