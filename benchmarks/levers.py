@@ -9,7 +9,7 @@ still trains with ``finetune.finetune`` → ``train.train``, only with other pie
 - ``last_token_head``: the class head at the last real token only, or at every position;
 - ``fused_adamw``: ``fast.adamw``, or plain ``torch.optim.AdamW``;
 - ``autocast``, ``cuda_graphs``: ``train.train``'s own switches (CUDA GPUs only);
-- ``bf16_frozen_base``: ``fast.cast_frozen_base`` (CUDA GPUs with bf16 only; off in ours);
+- ``bf16_frozen_base``: ``cast_frozen_base`` (below) (CUDA GPUs with bf16 only; off in ours);
 - ``compile``: ``torch.compile`` on the model (off in ours: on our short runs of many batch
   shapes its compilations cost more than they save; the study measures it).
 """
@@ -22,12 +22,13 @@ from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from lora_helpers import finetune as ft
 from lora_helpers.data import LengthBucketSampler
 from lora_helpers.device import capabilities
-from lora_helpers.fast import cast_frozen_base
+from lora_helpers.lora import lora_layers
 from lora_helpers.model import GPTModel, MultiHeadAttention
 from lora_helpers.train import History
 
@@ -197,3 +198,20 @@ def finetune_with(
         cuda_graphs=levers.cuda_graphs and not levers.compile,
         progress=False,
     )
+
+
+@torch.no_grad()
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store the frozen linear layers under LoRA adapters in ``dtype``; returns how many.
+
+    Under bf16 autocast every fp32 weight is rounded to bf16 at each use anyway (and that copy
+    is kept for the backward pass); storing the frozen ones that way once gives the same
+    numbers without the casts and their memory. Run such a model under bf16 autocast only
+    (``capabilities(device).bf16_autocast``: CUDA GPUs), and never merge adapters into it
+    afterwards.
+    """
+    layers = [m.plain for m in lora_layers(model).values() if isinstance(m.plain, nn.Linear)]
+    frozen = [linear for linear in layers if not linear.weight.requires_grad]
+    for linear in frozen:
+        linear.to(dtype)
+    return len(frozen)

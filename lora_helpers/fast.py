@@ -15,10 +15,8 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-from torch import nn
 
 from .device import capabilities
-from .lora import lora_layers
 
 
 def autocast_for(device: torch.device, cache_enabled: bool = True):
@@ -128,19 +126,3 @@ def optimizer_step(
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     return loss
-
-
-@torch.no_grad()
-def cast_frozen_base(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Store the frozen linear layers under LoRA adapters in ``dtype``; returns how many.
-
-    Under bf16 autocast every fp32 weight is rounded to bf16 at each use anyway (and that copy
-    is kept for the backward pass); storing the frozen ones that way once gives the same
-    numbers without the casts and their memory. Run such a model under bf16 autocast only
-    (``capabilities(device).bf16_autocast``), and never merge adapters into it afterwards.
-    """
-    layers = [m.plain for m in lora_layers(model).values() if isinstance(m.plain, nn.Linear)]
-    frozen = [linear for linear in layers if not linear.weight.requires_grad]
-    for linear in frozen:
-        linear.to(dtype)
-    return len(frozen)

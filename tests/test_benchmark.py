@@ -9,11 +9,14 @@ import torch
 
 from benchmarks import finetune_speed as bench
 from benchmarks import levers as lv
+from lora_helpers import fast
 from lora_helpers import finetune as ft
 from lora_helpers.data import PAD_ID, message_loaders
+from lora_helpers.device import capabilities
 from lora_helpers.model import GPTModel, MultiHeadAttention, gpt_config
 
 CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
 
 
 def test_benchmark_writes_one_row_per_variant_with_exactly_the_required_keys(tmp_path, capsys):
@@ -184,3 +187,32 @@ def test_matmul_params_count_what_every_token_passes_through(base):
     )
     assert full_total == full_trainable == frozen
     assert bench.matmul_gflops(16, CPU, tokens=16) > 0
+
+
+@pytest.fixture
+def lora_model() -> ft.GPTModel:
+    torch.manual_seed(0)
+    base = GPTModel(gpt_config("scratch-tiny", context_length=32)).eval()
+    return ft.prepare_variant(base, "lora-r8", ft.FULL_FINETUNE)
+
+
+def test_cast_frozen_base_keeps_the_adapters_in_fp32(lora_model):
+    n_layers = lora_model.cfg.n_layers
+    assert lv.cast_frozen_base(lora_model) == 6 * n_layers
+    block = lora_model.trf_blocks[0]
+    assert block.att.W_query.linear.weight.dtype == torch.bfloat16
+    assert block.att.W_query.lora.A.dtype == torch.float32
+    assert lora_model.out_head.weight.dtype == lora_model.tok_emb.weight.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_frozen_base_computes_what_autocast_computes(lora_model):
+    input_ids = torch.randint(0, 100, (4, 12), device=CUDA)
+    lengths = torch.tensor([12, 5, 7, 1], device=CUDA)
+    model = lora_model.to(CUDA)
+    assert capabilities(CUDA).cuda_graphs and capabilities(CUDA).pad_multiple == 16
+    with fast.autocast_for(CUDA, cache_enabled=False):
+        before = ft.last_token_logits(model, input_ids, lengths)
+        lv.cast_frozen_base(model)
+        after = ft.last_token_logits(model, input_ids, lengths)
+    torch.testing.assert_close(after, before)
