@@ -2,11 +2,11 @@
 
 What a device offers is decided once, in ``device.capabilities``; this module turns it into
 the loop's tools: bf16 autocast (CUDA GPUs with bf16 in hardware, and on such CPUs the LM's
-vocabulary head), fused AdamW, a training step replayed as a CUDA graph, and frozen LoRA base
-weights stored in bf16. The other speed-ups are in the data and the model: batches of similar
-length padded to their own longest message (``data.message_loaders``), the classifier head read
-at the last real token only (``finetune.last_token_logits``), PyTorch's fused attention
-(``model.MultiHeadAttention``). ``benchmarks/finetune_speed.py --lever-study`` measures each.
+vocabulary head), fused AdamW and a training step replayed as a CUDA graph. The other
+speed-ups are in the data and the model: batches of similar length padded to their own
+longest message (``data.message_loaders``), the classifier head read at the last real token
+only (``finetune.last_token_logits``), PyTorch's fused attention (``model.MultiHeadAttention``).
+``benchmarks/finetune_speed.py --lever-study`` measures each.
 """
 
 from __future__ import annotations
