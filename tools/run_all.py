@@ -6,6 +6,7 @@ refreshed), stamping each with how it ran and reporting the time each took.
     python -m tools.run_all --only 04 06 --out /tmp/executed   # some notebooks, elsewhere
     python -m tools.run_all --solutions --only 04_pretraining_solutions   # one solution
     python -m tools.run_all --table          # only rewrite the README's timing table
+    python -m tools.run_all --finalize --solutions   # only redraw committed progress bars
 
 (``python tools/run_all.py ...`` does the same.)
 
@@ -13,12 +14,18 @@ Each executed notebook's metadata gets a ``lora_from_scratch`` stamp (mode, devi
 version, seconds, date). The README's timing table is generated from the committed notebooks'
 stamps (``--table``); a test fails if it is stale or if a committed notebook was run in quick
 mode.
+
+A tqdm bar in an executed notebook is a widget whose plain-text fallback (what GitHub shows) is
+the bar's first frame, ``0%``; the run's last frame is kept only in the widget state. Every run
+redraws each bar's fallback from that state (``--finalize`` does it for the committed notebooks
+without executing them).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import html
 import os
 import platform
 import re
@@ -30,10 +37,13 @@ import nbformat
 import torch
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from tqdm.std import Bar
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = "lora_from_scratch"
 TABLE_START, TABLE_END = "<!-- timings:start -->", "<!-- timings:end -->"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 
 
 def notebook_paths(solutions: bool = True) -> list[Path]:
@@ -67,6 +77,61 @@ def stamp(nb: nbformat.NotebookNode, mode: str, seconds: float) -> None:
     }
 
 
+def _html_text(value: str) -> str:
+    """A tqdm widget label as plain text: entities unescaped, figure and no-break spaces plain."""
+    return html.unescape(value).replace("\u2007", " ").replace("\xa0", " ")
+
+
+def progress_bar_text(states: dict, model_id: str) -> str | None:
+    """The last frame of the tqdm bar widget ``model_id`` as tqdm's text bar, from the saved
+    widget ``states``; None if that widget is not a tqdm bar (label, progress, label)."""
+    box = states.get(model_id, {})
+    if box.get("model_name") != "HBoxModel":
+        return None
+    children = [str(child).removeprefix("IPY_MODEL_") for child in box["state"]["children"]]
+    models = [states.get(child, {}) for child in children]
+    kinds = [m.get("model_name", "") for m in models]
+    if len(kinds) != 3 or kinds[::2] != ["HTMLModel"] * 2 or "Progress" not in kinds[1]:
+        return None
+    left, bar, right = (m.get("state", {}) for m in models)
+    left_text, right_text = _html_text(left.get("value", "")), _html_text(right.get("value", ""))
+    if not left_text:  # no bar in tqdm's format (unknown total): the right label is all of it
+        return right_text or None
+    low, high = bar.get("min", 0.0), bar.get("max", 1.0)
+    frac = min(max((bar.get("value", low) - low) / ((high - low) or 1.0), 0.0), 1.0)
+    return f"{left_text}|{format(Bar(frac, default_len=10), '')}|{right_text}"
+
+
+def finalize_progress_bars(nb: nbformat.NotebookNode) -> int:
+    """Rewrite the plain-text fallback of every tqdm bar output to the bar's last recorded frame
+    (readers without widgets, GitHub's viewer included, see the end of the run, not ``0%``);
+    the widget view stays. Returns how many outputs changed."""
+    states = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    changed = 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            text = progress_bar_text(states, view.get("model_id", "")) if view else None
+            if text is not None and output.data.get("text/plain") != text:
+                output.data["text/plain"] = text
+                changed += 1
+    return changed
+
+
+def finalize_notebooks(paths: list[Path]) -> int:
+    """Redraw the progress bars of committed notebooks in place, without executing anything;
+    returns how many outputs changed."""
+    total = 0
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        changed = finalize_progress_bars(nb)
+        if changed:
+            nbformat.write(nb, path)
+        print(f"  {path.relative_to(ROOT)}: {changed} progress bars redrawn")
+        total += changed
+    return total
+
+
 def run_notebook(
     path: Path, out: Path, timeout: int, mode: str = "full"
 ) -> tuple[float, str | None]:
@@ -86,6 +151,7 @@ def run_notebook(
     except CellExecutionError as err:
         error = str(err).strip().splitlines()[-1]
     seconds = time.perf_counter() - start
+    finalize_progress_bars(nb)
     stamp(nb, mode if error is None else f"{mode}, failed", seconds)
     out.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, out)
@@ -154,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solutions", action="store_true", help="also run notebooks/solutions")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
     parser.add_argument("--table", action="store_true", help="only rewrite the README table")
+    parser.add_argument(
+        "--finalize",
+        action="store_true",
+        help="only redraw the progress bars of the committed notebooks from their widget state",
+    )
     args = parser.parse_args(argv)
     if args.table:
         print("README timing table", "updated" if update_readme() else "already current")
@@ -162,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = notebook_paths(args.solutions)
     if args.only:
         paths = [p for p in paths if p.name.startswith(tuple(args.only))]
+    if args.finalize:
+        print(f"{finalize_notebooks(paths)} progress bars redrawn in {len(paths)} notebooks")
+        return 0
     mode = "quick" if os.environ.get("LORA_QUICK") == "1" else "full"
     print(f"Running {len(paths)} notebooks in {mode} mode on {device_name()}")
     times, failed = {}, {}
