@@ -75,7 +75,7 @@ def test_readme_timing_table_is_made_from_the_stamps():
     assert table.strip() == run_all.timing_table(), "run: python -m tools.run_all --table"
 
 
-@pytest.mark.parametrize("tool", ["run_all", "colab"])
+@pytest.mark.parametrize("tool", ["run_all", "colab", "prose"])
 @pytest.mark.parametrize("style", ["module", "script"])
 def test_tools_run_as_modules_and_as_scripts(tool, style):
     """``python -m tools.run_all`` like ``benchmarks/``; ``python tools/run_all.py`` as before."""
