@@ -4,13 +4,15 @@
     python -m tools.prose notebooks/07_parameter_counts.ipynb
 
 A markdown cell's measured numbers must each appear, as a whole number, in some output of the
-same notebook (stream, plain text of a result or display, progress bar, error). Read as measured:
-percentages (``96.0 %``, both ends of ``95.7–96.0 %``), ratios (``8x``, ``7.6×``, ``1.5–2
-times``), sizes (``KiB`` ... ``GB``, ``bytes``), durations (``ms``, ``s``, ``min``, ``seconds``,
-``minutes``, ``hours``), counts with thousands separators (``7,241,346``) and decimals with two or
-more places (``0.413``). Inline code, fenced code, LaTeX, URLs, link targets and HTML comments
-are not read. An HTML comment in the cell (invisible to readers) exempts the numbers it lists,
-in that cell only:
+same notebook (stream, plain text of a result or display, progress bar, error); a bare integer
+(no decimal point, no thousands separator: ``2 %``, ``8x``, ``36 s``) must appear with its unit
+(``2%``, ``8×``, ``36s``), as small integers occur by chance in nearly any output. Read as
+measured: percentages (``96.0 %``, both ends of ``95.7–96.0 %``), ratios (``8x``, ``7.6×``,
+``1.5–2 times``), sizes (``KiB`` ... ``GB``, ``bytes``), durations (``ms``, ``s``, ``min``,
+``seconds``, ``minutes``, ``hours``), counts with thousands separators (``7,241,346``) and
+decimals with two or more places (``0.413``). Inline code, fenced code, LaTeX, URLs, link
+targets and HTML comments are not read. An HTML comment in the cell (invisible to readers)
+exempts the numbers it lists, in that cell only:
 
     <!-- cited: 98.00 % (appendix E of LLMs from scratch) -->   an outside source
     <!-- defined: 12 bytes, 50,257 -->                          a definition or a setting
@@ -38,7 +40,8 @@ from tools.run_all import ROOT, WIDGET_STATE, WIDGET_VIEW, notebook_paths, progr
 
 NOTEBOOKS = ROOT / "notebooks"
 NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
-SPACE = r"[ \u00a0\u202f\u2009]?"
+SPACES = " \u00a0\u202f\u2009"
+SPACE = rf"[{SPACES}]?"
 UNITS = {
     "percentage": rf"{SPACE}(?:%|percent\b)",
     "ratio": rf"(?:x|{SPACE}(?:×|times\b))(?!\w)",
@@ -47,6 +50,17 @@ UNITS = {
     rf"|(?<!\d{{3}}0){SPACE}s\b",  # not a decade: 1590s
 }
 UNIT = re.compile("|".join(f"(?P<{kind}>{unit})" for kind, unit in UNITS.items()))
+SAME_UNIT = [  # the spellings of one unit, as prose or an output may write it after a number
+    r"%|percent\b",
+    r"(?<=\d)x(?!\w)|×|times\b",  # 8x, 8×, 8 ×, 8 times; not 8 x 8
+    r"bytes?\b|B\b",
+    r"[kK]B\b",
+    r"ms\b",
+    r"µs|us\b",
+    r"s\b|secs?\b|seconds?\b",
+    r"mins?\b|minutes?\b",
+    r"h\b|hrs?\b|hours?\b",
+]
 DIMENSION = re.compile(r"\s*(?:\d|[A-Za-z]\b|\$)")  # 768 × 768, 50,257 × r: a shape, no ratio
 RANGE = re.compile(rf"{SPACE}(?:–|—|-|to){SPACE}(?:{NUMBER})(?!\d)")
 PROSE_NUMBER = re.compile(rf"(?<![\w.])(?:{NUMBER})(?!\d|\.\d)")  # not in versions: 2.4.1
@@ -75,6 +89,7 @@ class Claim:
     kind: str
     start: int
     end: int
+    unit: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,7 @@ class Marker:
     kind: str
     numbers: tuple[str, ...]
     ref: str | None = None
+    units: tuple[str, ...] = ()  # each number's unit as the marker writes it ("" if none)
 
 
 @dataclass(frozen=True)
@@ -102,9 +118,10 @@ def masked(markdown: str) -> str:
     return HIDDEN_RE.sub(lambda m: re.sub(r"\S", " ", m.group()), markdown)
 
 
-def _kind(text: str, markdown: str, token: re.Match) -> tuple[str, int] | None:
-    """What a number token of the masked ``text`` claims, and where its claim ends, judged by
-    what follows it (``markdown`` is the text unmasked, to tell a shape from a ratio)."""
+def _kind(text: str, markdown: str, token: re.Match) -> tuple[str, int, str] | None:
+    """What a number token of the masked ``text`` claims, where its claim ends and its unit,
+    judged by what follows it (``markdown`` is the text unmasked, to tell a shape from a
+    ratio)."""
     rest = token.end()
     unit = UNIT.match(text, rest)
     if unit is None and (span := RANGE.match(text, rest)):  # first end of a range
@@ -112,12 +129,12 @@ def _kind(text: str, markdown: str, token: re.Match) -> tuple[str, int] | None:
     if unit is not None and "×" in unit.group() and DIMENSION.match(markdown, unit.end()):
         unit = None
     if unit is not None:
-        return unit.lastgroup, unit.end()
+        return unit.lastgroup, unit.end(), unit.group().strip(SPACES)
     number = token.group()
     if "," in number:
-        return "count", rest
+        return "count", rest, ""
     if len(number.partition(".")[2]) >= 2:
-        return "decimal", rest
+        return "decimal", rest, ""
     return None
 
 
@@ -128,8 +145,9 @@ def claims(markdown: str) -> list[Claim]:
     for token in PROSE_NUMBER.finditer(text):
         judged = _kind(text, markdown, token)
         if judged is not None:
-            kind, end = judged
-            found.append(Claim(token.group(), markdown[token.start() : end], kind, *token.span()))
+            kind, end, unit = judged
+            written = markdown[token.start() : end]
+            found.append(Claim(token.group(), written, kind, *token.span(), unit=unit))
     return found
 
 
@@ -138,9 +156,14 @@ def markers(markdown: str) -> list[Marker]:
     list (a parenthesis in a marker is a note, not numbers)."""
     found = []
     for m in MARKER.finditer(markdown):
-        numbers = tuple(re.findall(NUMBER, re.sub(r"\([^)]*\)", " ", m.group(4))))
-        kind = "from" if m.group(2) else m.group(1)
-        found.append(Marker(kind, numbers, m.group(2) + m.group(3) if m.group(2) else None))
+        listed = re.sub(r"\([^)]*\)", " ", m.group(4))
+        tokens = list(re.finditer(NUMBER, listed))
+        units = tuple(
+            u.group().strip(SPACES) if (u := UNIT.match(listed, t.end())) else "" for t in tokens
+        )
+        numbers = tuple(t.group() for t in tokens)
+        kind, ref = ("from", m.group(2) + m.group(3)) if m.group(2) else (m.group(1), None)
+        found.append(Marker(kind, numbers, ref, units))
     return found
 
 
@@ -169,9 +192,23 @@ def printed_text(nb: nbformat.NotebookNode) -> str:
     return "\n".join(text for _, _, text in output_texts(nb, redraw_bars=True))
 
 
-def is_printed(number: str, printed: str) -> bool:
-    """Whether ``number`` occurs in ``printed`` as a whole number (not inside a longer one)."""
-    return re.search(rf"(?<![\d.])(?<!\d,){re.escape(number)}(?![\d]|[.,]\d)", printed) is not None
+def unit_pattern(unit: str) -> str:
+    """A regex for the ways an output may print ``unit`` (as prose writes it) after a number:
+    ``%`` or ``percent``, ``x``, ``×`` or ``times``, ``s``, ``sec`` or ``seconds``, ..."""
+    for forms in SAME_UNIT:
+        if re.compile(forms).fullmatch(f"1{unit}", 1):  # the unit, read after a digit
+            return forms
+    return re.escape(unit) + r"(?!\w)"
+
+
+def is_printed(number: str, printed: str, unit: str = "") -> bool:
+    """Whether ``number`` occurs in ``printed`` as a whole number (not inside a longer one); a
+    bare integer (``8``, not ``8.0`` or ``8,000``) with a ``unit`` must occur followed by it
+    (``8x`` or ``8 ×``, not ``8`` alone, which nearly any output prints by chance)."""
+    whole = rf"(?<![\d.])(?<!\d,){re.escape(number)}"
+    if unit and re.fullmatch(r"\d+", number):
+        return re.search(rf"{whole}{SPACE}(?:{unit_pattern(unit)})", printed) is not None
+    return re.search(rf"{whole}(?![\d]|[.,]\d)", printed) is not None
 
 
 @functools.cache
@@ -202,7 +239,12 @@ def _marker_flags(cell: int, marker: Marker, folder: Path) -> list[Flag]:
     reason = f"quoted from {marker.ref}, whose outputs do not print it"
     if other is None:
         other, reason = "", f"quoted from {marker.ref}, but there is no notebook {marker.ref}"
-    return [Flag(cell, n, n, note, reason) for n in marker.numbers if not is_printed(n, other)]
+    units = marker.units or ("",) * len(marker.numbers)
+    return [
+        Flag(cell, n, f"{n} {u}".strip(), note, reason)
+        for n, u in zip(marker.numbers, units, strict=True)
+        if not is_printed(n, other, u)
+    ]
 
 
 def unprinted(nb: nbformat.NotebookNode, folder: Path = NOTEBOOKS) -> list[Flag]:
@@ -217,7 +259,7 @@ def unprinted(nb: nbformat.NotebookNode, folder: Path = NOTEBOOKS) -> list[Flag]
             exempt.update(marker.numbers)
             flags += _marker_flags(i, marker, folder)
         for c in claims(cell.source):
-            if c.number not in exempt and not is_printed(c.number, printed):
+            if c.number not in exempt and not is_printed(c.number, printed, c.unit):
                 text = snippet(cell.source, c.start, c.end)
                 flags.append(Flag(i, c.number, c.text, text, "printed by no output"))
     return flags
