@@ -16,9 +16,6 @@ PATHS = run_all.notebook_paths()
 # Notebooks whose prose still quotes numbers no output prints: each leaves this list once
 # `python -m tools.prose notebooks/<name>.ipynb` flags nothing in it.
 PROSE_TO_FIX = {
-    "01_tokenizing_text",
-    "02_attention",
-    "03_gpt_model",
     "04_pretraining",
     "05_lora_layer",
     "06_finetune_spam",
@@ -26,8 +23,6 @@ PROSE_TO_FIX = {
     "08_adapters",
     "09_lora_variants",
     "10_distributed",
-    "02_attention_solutions",
-    "03_gpt_model_solutions",
     "04_pretraining_solutions",
     "06_finetune_spam_solutions",
     "07_parameter_counts_solutions",
