@@ -17,13 +17,10 @@ PATHS = run_all.notebook_paths()
 # `python -m tools.prose notebooks/<name>.ipynb` flags nothing in it.
 PROSE_TO_FIX = {
     "04_pretraining",
-    "05_lora_layer",
     "06_finetune_spam",
     "07_parameter_counts",
     "08_adapters",
-    "09_lora_variants",
     "10_distributed",
-    "04_pretraining_solutions",
     "06_finetune_spam_solutions",
     "07_parameter_counts_solutions",
     "08_adapters_solutions",
