@@ -18,13 +18,7 @@ PATHS = run_all.notebook_paths()
 PROSE_TO_FIX = {
     "04_pretraining",
     "06_finetune_spam",
-    "07_parameter_counts",
-    "08_adapters",
     "10_distributed",
-    "06_finetune_spam_solutions",
-    "07_parameter_counts_solutions",
-    "08_adapters_solutions",
-    "10_distributed_solutions",
 }
 TO_FIX = pytest.mark.xfail(strict=False, reason="its prose quotes numbers no output prints")
 
