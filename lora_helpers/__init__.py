@@ -13,6 +13,7 @@ explained it:
 - ``adapters``: named adapters on one base: add, switch, disable, merge, save and load.
 - ``peft_format``: adapters in Hugging Face PEFT's format, for ``transformers``' GPT-2.
 - ``finetune``: the classifier head and notebook 06's fine-tuning variants.
+- ``transfer``: what pretraining buys: fine-tuning from the base and from random weights.
 - ``pretrain``: the base model's recipe and data, ``load_base_model`` and ``choose_base``.
 - ``gpt2``: OpenAI's GPT-2 weights from the Hugging Face hub, loaded into our GPT.
 - ``distributed``: data-parallel fine-tuning under ``torchrun`` (DDP).
