@@ -82,9 +82,13 @@ def test_ablation_bases_have_their_own_checkpoint_and_corpora(monkeypatch):
     short = pretrain.ablation_recipe(("shakespeare",))
     assert short.max_steps == pretrain.FULL_RECIPE.max_steps // 4
     assert dataclasses.replace(short, corpora=recipe.corpora, max_steps=recipe.max_steps) == recipe
-    assert pretrain.base_checkpoint_path(short).name == "gpt_base_shakespeare_50steps.safetensors"
+    steps = pretrain.FULL_RECIPE.max_steps // 4
+    assert (
+        pretrain.base_checkpoint_path(short).name
+        == f"gpt_base_shakespeare_{steps}steps.safetensors"
+    )
     both = pretrain.ablation_recipe(pretrain.FULL_RECIPE.corpora)
-    assert pretrain.base_checkpoint_path(both).name == "gpt_base_scratch_50steps.safetensors"
+    assert pretrain.base_checkpoint_path(both).name == f"gpt_base_scratch_{steps}steps.safetensors"
     large = pretrain.base_checkpoint_path(pretrain.LARGE_RECIPE)
     assert large.name == "gpt_base_scratch-30M.safetensors"
     corpora = pretrain.pretraining_corpora(get_tokenizer(), recipe)
