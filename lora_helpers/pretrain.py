@@ -88,7 +88,7 @@ def base_checkpoint_path(recipe: PretrainRecipe | None = None) -> Path:
 
     The collection's base is ``gpt_base_scratch``; a base pretrained with another preset,
     other corpora or another number of steps is named after them, e.g.
-    ``gpt_base_shakespeare_50steps`` or ``gpt_base_scratch-30M``.
+    ``gpt_base_shakespeare_100steps`` or ``gpt_base_scratch-30M``.
     """
     recipe = recipe or pretrain_recipe()
     default = QUICK_RECIPE if recipe.preset == QUICK_RECIPE.preset else FULL_RECIPE
