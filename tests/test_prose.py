@@ -13,15 +13,6 @@ from tools import prose, run_all
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = run_all.notebook_paths()
 
-# Notebooks whose prose still quotes numbers no output prints: each leaves this list once
-# `python -m tools.prose notebooks/<name>.ipynb` flags nothing in it.
-PROSE_TO_FIX = {
-    "04_pretraining",
-    "06_finetune_spam",
-    "10_distributed",
-}
-TO_FIX = pytest.mark.xfail(strict=False, reason="its prose quotes numbers no output prints")
-
 
 def notebook(markdown: str, printed: str) -> nbformat.NotebookNode:
     """A notebook of one markdown cell and one code cell that prints ``printed``."""
@@ -34,11 +25,7 @@ def flagged(nb: nbformat.NotebookNode, folder: Path = prose.NOTEBOOKS) -> list[s
     return [f.number for f in prose.unprinted(nb, folder)]
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=TO_FIX) if p.stem in PROSE_TO_FIX else p for p in PATHS],
-    ids=[p.stem for p in PATHS],
-)
+@pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_prose_quotes_only_printed_numbers(path):
     flags = prose.unprinted(nbformat.read(path, as_version=4))
     lines = [f"cell {f.cell}: {f.text!r} in {f.snippet!r} ({f.reason})" for f in flags]
@@ -48,10 +35,6 @@ def test_prose_quotes_only_printed_numbers(path):
         + "\nquote the printed number, or mark the cell: <!-- cited: ... -->, "
         "<!-- defined: ... --> or <!-- from NN: ... --> (see tools/prose.py)"
     )
-
-
-def test_the_list_to_fix_names_committed_notebooks():
-    assert PROSE_TO_FIX <= {p.stem for p in PATHS}
 
 
 def test_a_quoted_number_that_is_printed_passes():
