@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import warnings
+from hashlib import sha256
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -145,21 +146,27 @@ def flip_last_byte(directory):  # the end of the file is tensor data, not the he
     path.write_bytes(bytes(data))
 
 
+def record_checksum(directory):
+    """Record the checksum of the files as they now are: a consistent adapter that does not
+    fit, rather than a corrupt or hand-edited one."""
+    config = json.loads((directory / ad.CONFIG_FILE).read_text())
+    edit_config(directory, sha256=ad.adapter_sha256(directory / ad.WEIGHTS_FILE, config))
+
+
 def resave(directory, edit):
-    """Rewrite the tensors with ``edit`` applied and record their new checksum: a consistent
-    file that does not fit, rather than a corrupt one."""
+    """Rewrite the tensors with ``edit`` applied, and record the checksum."""
     path = directory / ad.WEIGHTS_FILE
     tensors = load_file(str(path))
     edit(tensors)
     save_file(tensors, str(path))
-    edit_config(directory, weights_sha256=sha256_of(path))
+    record_checksum(directory)
 
 
 BAD_ADAPTERS = {
-    "truncated tensors": (truncate, "adapter.safetensors is corrupt"),
-    "flipped byte": (flip_last_byte, "adapter.safetensors is corrupt: its sha256"),
+    "truncated tensors": (truncate, "adapter.safetensors or its adapter_config.json changed"),
+    "flipped byte": (flip_last_byte, "adapter.safetensors or .* changed after .*: their sha256"),
     "truncated, no checksum (older adapter)": (
-        lambda d: (truncate(d), edit_config(d, weights_sha256=DROP)),
+        lambda d: (truncate(d), edit_config(d, sha256=DROP)),
         "adapter.safetensors is not a readable safetensors file",
     ),
     "tensors missing": (
@@ -180,8 +187,8 @@ BAD_ADAPTERS = {
     "targets missing": (lambda d: edit_config(d, targets=DROP), "'targets' is missing"),
     "unknown scaling": (lambda d: edit_config(d, scaling_rule="x"), "scaling must be one of"),
     "bad checksum field": (
-        lambda d: edit_config(d, weights_sha256="abc"),
-        "'weights_sha256' must be 64 hex digits",
+        lambda d: edit_config(d, sha256="abc"),
+        "'sha256' must be 64 hex digits",
     ),
     "wrong shape": (
         lambda d: resave(d, lambda t: t.update({"out_head.bias": torch.zeros(3)})),
@@ -196,7 +203,10 @@ BAD_ADAPTERS = {
         r"missing \['trf_blocks.0.ff.fc1.lora.B'\]",
     ),
     "another base": (
-        lambda d: edit_config(d, base={"architecture": {}, "fingerprint": "0"}),
+        lambda d: (
+            edit_config(d, base={"architecture": {}, "fingerprint": "0"}),
+            record_checksum(d),
+        ),
         "trained on another architecture",
     ),
 }
@@ -219,9 +229,13 @@ def test_a_bad_adapter_is_refused_and_leaves_the_model_as_it_was(
     assert ad.adapter_names(carrier) == ["chat", "spam"]
 
 
-def test_the_saved_config_records_the_tensor_files_sha256(saved_spam):
+def test_the_saved_config_records_a_sha256_of_the_tensors_and_its_fields(saved_spam):
     config = json.loads((saved_spam / ad.CONFIG_FILE).read_text())
-    assert config["weights_sha256"] == sha256_of(saved_spam / ad.WEIGHTS_FILE)
+    assert config["sha256"] == ad.adapter_sha256(saved_spam / ad.WEIGHTS_FILE, config)
+    fields = {k: v for k, v in config.items() if k != "sha256"}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    digest = sha256(f"{sha256_of(saved_spam / ad.WEIGHTS_FILE)}\n{text}".encode()).hexdigest()
+    assert config["sha256"] == digest
 
 
 # --- messages --------------------------------------------------------------------------------
