@@ -429,7 +429,7 @@ def test_a_killed_pretraining_run_resumes_to_identical_weights(monkeypatch, tmp_
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert killed.returncode == 9, killed.stderr.decode()[-2000:]
     resume = pretrain.resume_checkpoint_path(RESUMABLE)
-    saved = torch.load(resume, weights_only=True)
+    saved = train.read_resume_state(resume)
     assert saved["step"] == 6 and saved["data"]["in_epoch"] == 2  # in the 2nd epoch
 
     resumed = pretrain_tiny(RESUMABLE)  # run again: continues from step 6
