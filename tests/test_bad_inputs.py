@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -474,3 +475,18 @@ def test_lora_on_the_embedding_refuses_other_inits_and_dropout(kwargs, shown):
         apply_lora(model, rank=2, alpha=2, targets=["tok_emb", "blocks"], **kwargs)
     assert not lora_layers(model)  # nothing wrapped: all or nothing
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- the README's table ----------------------------------------------------------------------
+
+
+def test_the_readme_table_counts_its_rows_and_names_tests_that_exist():
+    root = Path(__file__).parents[1]
+    section = (root / "README.md").read_text().split("## Bad inputs and what you see")[1]
+    section = section.split("\n## ")[0]
+    rows = re.findall(r"^\| (\d+) \|", section, flags=re.M)
+    assert rows == [str(i) for i in range(1, len(rows) + 1)]
+    assert f"**{len(rows)} rows**" in section
+    named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", section)
+    missing = [f"{f}::{t}" for f, t in named if f"def {t}(" not in (root / f).read_text()]
+    assert named and not missing
