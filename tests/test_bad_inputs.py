@@ -1,5 +1,6 @@
-"""Every row of README's table "Bad inputs and what you see" is a test here: a wrong input is
-refused with a message that names what is wrong and what to do, and changes nothing."""
+"""Rows 1-32 of README's table "Bad inputs and what you see" are tests here (later rows name
+their tests, in the test file of their module): a wrong input is refused with a message that
+names what is wrong and what to do, and changes nothing."""
 
 import dataclasses
 import inspect
