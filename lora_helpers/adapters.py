@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -27,11 +28,13 @@ from .downloads import sha256_of
 from .lora import (
     AdapterWrapper,
     LinearWithLoRA,
+    LoRALayer,
     add_lora,
     as_rank,
     check_lora_args,
     layer_dims,
     lora_layers,
+    lora_scaling,
     lora_state_dict,
     merge_lora,
     replace_module,
@@ -63,6 +66,7 @@ class PerAdapterModule(AdapterWrapper):
         super().__init__()
         self.original = original
         self.versions = nn.ModuleDict()
+        self.train(original.training)
 
     plain = property(lambda self: self.original)
     parts = property(lambda self: self.versions)
@@ -95,8 +99,19 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def as_names(names: str | Iterable[str]) -> list[str]:
+    """One module name or several, as a list: a string is one name, not its characters."""
+    return [names] if isinstance(names, str) else list(names)
+
+
 def check_new_adapter(model: nn.Module, name: str) -> None:
-    """Raise ValueError if ``model`` already has an adapter named ``name``."""
+    """Raise ValueError unless ``name`` can name a new adapter of ``model``: a non-empty string
+    without '.' (it becomes a module name) that no adapter of ``model`` has."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(
+            f"An adapter's name must be a non-empty string without '.', got {name!r}: it "
+            "names the adapter's modules."
+        )
     if name in adapter_names(model):
         raise ValueError(f"The model already has an adapter named {name!r}: {adapter_names(model)}")
 
@@ -133,7 +148,11 @@ def add_adapter(
     """
     check_new_adapter(model, name)
     names = resolve_targets(model, targets)
-    own = modules_to_save if isinstance(modules_to_save, dict) else dict.fromkeys(modules_to_save)
+    own = (
+        modules_to_save
+        if isinstance(modules_to_save, dict)
+        else dict.fromkeys(as_names(modules_to_save))
+    )
     for module_name in own:
         model.get_submodule(module_name)  # raises AttributeError naming a missing module
     add_lora(model, names, name, rank, alpha, scaling, dropout, init)  # checks before changing
@@ -147,12 +166,13 @@ def add_module_version(
     model: nn.Module, module_name: str, name: str, module: nn.Module | None = None
 ) -> None:
     """Give adapter ``name`` its own version of ``model``'s module ``module_name``: ``module``,
-    or (None) a copy of the original."""
+    or (None) a copy of the original; in the original's mode (train or eval)."""
     wrapper = model.get_submodule(module_name)
     if not isinstance(wrapper, PerAdapterModule):
         wrapper = PerAdapterModule(wrapper)
         replace_module(model, module_name, wrapper)
-    wrapper.versions[name] = module if module is not None else copy.deepcopy(wrapper.original)
+    version = module if module is not None else copy.deepcopy(wrapper.original)
+    wrapper.versions[name] = version.train(wrapper.training)
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
@@ -191,12 +211,34 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; a layer left with no adapter becomes its plain module again."""
     check_adapter(model, name)
     check_unmerged(model, name)
+    _remove_parts(model, name)
+
+
+def _remove_parts(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``'s part from every wrapper; unwrap the wrappers left empty."""
     for wrapper_name, wrapper in _wrappers(model).items():
         if name in wrapper.parts:
             del wrapper.parts[name]
             wrapper.active = None if wrapper.active == name else wrapper.active
             if not wrapper.parts:
                 replace_module(model, wrapper_name, wrapper.plain)
+
+
+@contextmanager
+def all_or_nothing(model: nn.Module, name: str) -> Iterator[None]:
+    """Add adapter ``name`` within this block: on any exception the model is left as it was
+    (the new adapter's parts removed, the active adapter and ``requires_grad`` flags restored)."""
+    actives = {wrapper: wrapper.active for wrapper in _wrappers(model).values()}
+    trainable = {param: param.requires_grad for param in model.parameters()}
+    try:
+        yield
+    except BaseException:
+        _remove_parts(model, name)
+        for wrapper, active in actives.items():
+            wrapper.active = active
+        for param, flag in trainable.items():
+            param.requires_grad_(flag)
+        raise
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -223,7 +265,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
 def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
     """sha256 over the base model's parameters (names, dtypes, shapes, values), ignoring adapters
     and the modules in ``exclude``; the same for a plain base and one carrying adapters."""
-    exclude = tuple(f"{name}." for name in exclude)
+    exclude = tuple(f"{name}." for name in as_names(exclude))
     digest = hashlib.sha256()
     for name, tensor in sorted(_base_parameters(model).items()):
         if name.startswith(exclude):
@@ -259,7 +301,7 @@ def save_adapter(
     model: nn.Module,
     directory: str | Path,
     name: str | None = None,
-    modules_to_save: Iterable[str] = (),
+    modules_to_save: str | Iterable[str] = (),
     format: str = "lora_helpers",
 ) -> Path:
     """Write adapter ``name`` (default: the active one) to ``directory``: its LoRA tensors and
@@ -269,19 +311,19 @@ def save_adapter(
     if format == "peft":
         from .peft_format import save_peft_adapter
 
-        return save_peft_adapter(model, directory, name, tuple(modules_to_save))
+        return save_peft_adapter(model, directory, name, as_names(modules_to_save))
     if format != "lora_helpers":
         raise ValueError(f"Unknown adapter format {format!r}; choose 'lora_helpers' or 'peft'.")
     name = name or active_adapter(model)
     check_adapter(model, name)
     check_unmerged(model)
     layers = adapter_parts(model, name, LinearWithLoRA)
-    owned = adapter_parts(model, name, PerAdapterModule)
-    owned |= {n: model.get_submodule(n) for n in modules_to_save}
+    first = _one_setting(name, layers)
+    owned = {n: model.get_submodule(n) for n in as_names(modules_to_save)}
+    owned |= adapter_parts(model, name, PerAdapterModule)  # its own version, if it has one
     tensors = lora_state_dict(model, name)
     for module_name, module in owned.items():
         tensors |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
-    first = next(iter(layers.values()))
     config = {
         "format": ADAPTER_FORMAT,
         "library": {"name": "lora_helpers", "version": __version__},
@@ -289,7 +331,7 @@ def save_adapter(
         "alpha": first.alpha,
         "scaling_rule": first.scaling_rule,
         "scaling": first.scaling,
-        "dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+        "dropout": _dropout(first),
         "init": first.init,
         "targets": list(layers),
         "modules_to_save": {n: _describe(m) for n, m in owned.items()},
@@ -302,12 +344,42 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    config["weights_sha256"] = sha256_of(tmp)  # load_adapter refuses a changed byte
+    config["sha256"] = adapter_sha256(tmp, config)  # load_adapter refuses a changed byte or field
     os.replace(tmp, directory / WEIGHTS_FILE)
     tmp = directory / f".{CONFIG_FILE}.tmp"
     tmp.write_text(json.dumps(config, indent=2))
     os.replace(tmp, directory / CONFIG_FILE)
     return directory
+
+
+def _dropout(lora: LoRALayer) -> float:
+    return lora.dropout.p if isinstance(lora.dropout, nn.Dropout) else 0.0
+
+
+def _one_setting(name: str, layers: dict[str, LoRALayer]) -> LoRALayer:
+    """The first of ``layers``, after checking that all share its rank, alpha, scaling rule,
+    dropout and init: adapter_config.json records them once, for every layer."""
+
+    def setting(lora: LoRALayer) -> tuple:
+        return lora.rank, lora.alpha, lora.scaling_rule, _dropout(lora), lora.init
+
+    (first_name, first), *_ = layers.items()
+    if others := [n for n, lora in layers.items() if setting(lora) != setting(first)]:
+        raise ValueError(
+            f"Adapter {name!r} does not use one setting (rank, alpha, scaling rule, dropout, "
+            f"init) for all its layers: {first_name} has {setting(first)}, but {others} differ. "
+            "adapter_config.json records one setting, so the file would load with the wrong "
+            "scaling. Save it with format='peft', which records each layer's rank and alpha."
+        )
+    return first
+
+
+def adapter_sha256(weights: str | Path, config: dict) -> str:
+    """sha256 over the tensor file and every field of the config but its checksums: a changed
+    byte, or a field such as ``alpha`` edited by hand, changes it."""
+    fields = {k: v for k, v in config.items() if k not in CHECKSUMS}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{sha256_of(weights)}\n{text}".encode()).hexdigest()
 
 
 def _describe(module: nn.Module) -> dict:
@@ -333,6 +405,9 @@ CONFIG_FIELDS = {
     "base": dict,
 }
 REMEDY = "Save the adapter again with save_adapter(), or restore the folder from a copy."
+# The checksums a config may record: of the tensors and the config's fields (``sha256``), or,
+# in adapters saved before it was recorded, of the tensor file alone (``weights_sha256``).
+CHECKSUMS = ("sha256", "weights_sha256")
 
 
 def read_adapter_config(directory: str | Path) -> dict:
@@ -398,6 +473,8 @@ def _value_problems(config: dict) -> list[str]:
         )  # fmt: skip
     except ValueError as err:
         problems.append(str(err).rstrip("."))
+    if not problems:
+        problems += _scaling_problems(config)
     if not config["targets"] or not all(isinstance(t, str) for t in config["targets"]):
         problems.append("'targets' must be a non-empty list of layer names")
     for name, module in config["modules_to_save"].items():
@@ -408,10 +485,24 @@ def _value_problems(config: dict) -> list[str]:
             problems.append(
                 f"modules_to_save[{name!r}] must give in_features, out_features and bias"
             )
-    sha = config.get("weights_sha256")
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
-        problems.append(f"'weights_sha256' must be 64 hex digits, got {sha!r}")
+    for key in CHECKSUMS:
+        sha = config.get(key)
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
+            problems.append(f"{key!r} must be 64 hex digits, got {sha!r}")
     return problems
+
+
+def _scaling_problems(config: dict) -> list[str]:
+    """The recorded ``scaling`` must follow from alpha, rank and scaling_rule: a check that
+    also covers adapters saved before the config's fields had a checksum."""
+    scaling = config.get("scaling")
+    implied = lora_scaling(config["alpha"], config["rank"], config["scaling_rule"])
+    if scaling is None or (_is(scaling, (int, float)) and math.isclose(scaling, implied)):
+        return []
+    return [
+        f"'scaling' is {scaling!r}, but alpha {config['alpha']}, rank {config['rank']} and "
+        f"scaling_rule {config['scaling_rule']!r} give {implied} (a field edited by hand?)"
+    ]
 
 
 def read_adapter_tensors(directory: str | Path, config: dict) -> dict[str, torch.Tensor]:
@@ -422,11 +513,18 @@ def read_adapter_tensors(directory: str | Path, config: dict) -> dict[str, torch
             f"{display_path(path)} is missing: {display_path(directory)} holds the adapter's "
             f"config but not its tensors. Copy the whole folder. {REMEDY}"
         )
-    expected = config.get("weights_sha256")  # absent in adapters saved before it was recorded
-    if expected is not None and (actual := sha256_of(path)) != expected:
+    expected = config.get("sha256")
+    if expected is not None and (actual := adapter_sha256(path, config)) != expected:
+        raise AdapterLoadError(
+            f"{display_path(path)} or its {CONFIG_FILE} changed after save_adapter() wrote them: "
+            f"their sha256 is {actual[:12]}…, {CONFIG_FILE} records {expected[:12]}… (a changed, "
+            f"truncated or replaced tensor file, or a field such as alpha edited by hand). {REMEDY}"
+        )
+    legacy = config.get("weights_sha256")  # adapters saved before "sha256" was recorded
+    if expected is None and legacy is not None and (actual := sha256_of(path)) != legacy:
         raise AdapterLoadError(
             f"{display_path(path)} is corrupt: its sha256 is {actual[:12]}…, {CONFIG_FILE} records "
-            f"{expected[:12]}… (a changed, truncated or replaced file). {REMEDY}"
+            f"{legacy[:12]}… (a changed, truncated or replaced file). {REMEDY}"
         )
     try:
         return load_file(str(path))
@@ -485,26 +583,42 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
 
     All or nothing: the config, the tensors (keys, shapes, dtypes, checksum) and the base
     (architecture, weights, target layers) are checked before the model is touched; any
-    problem raises AdapterLoadError (AdapterMismatchError for another base) and leaves the
-    model exactly as it was. A Hugging Face PEFT adapter for GPT-2 is read by
-    ``peft_format.load_peft_adapter``.
+    problem raises AdapterLoadError (AdapterMismatchError for another base; RuntimeError for a
+    model with a merged adapter) and leaves the model exactly as it was. A Hugging Face PEFT
+    adapter for GPT-2 is read by ``peft_format.load_peft_adapter``.
     """
     from .peft_format import is_peft_adapter, load_peft_adapter
 
     directory = Path(directory)
     check_new_adapter(model, name)
+    check_unmerged(model)  # the new adapter would become active over merged weights
     if is_peft_adapter(directory):
         return load_peft_adapter(model, directory, name)
     config = read_adapter_config(directory)
-    _check_base(model, config, directory)
     tensors = read_adapter_tensors(directory, config)
+    _check_base(model, config, directory)
     _check_tensors(directory, tensors, expected_adapter_tensors(model, config))
     device = next(model.parameters()).device
     owned = {
         n: nn.Linear(d["in_features"], d["out_features"], bias=d["bias"], device=device)
         for n, d in config["modules_to_save"].items()
     }
-    try:  # add_adapter checks every layer before changing any
+    with all_or_nothing(model, name):
+        _add_loaded(model, name, config, owned, directory)
+        expected = lora_state_dict(model, name)
+        for module_name, module in owned.items():
+            expected |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key])
+    return model
+
+
+def _add_loaded(
+    model: nn.Module, name: str, config: dict, owned: dict[str, nn.Module], directory: Path
+) -> None:
+    """Add the (still untrained) adapter ``config`` describes, as ``name``."""
+    try:
         add_adapter(
             model,
             name,
@@ -518,13 +632,6 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         )
     except ValueError as err:  # e.g. an OLoRA rank above a layer's size
         raise AdapterLoadError(f"{display_path(directory)}: {err} {REMEDY}") from err
-    expected = lora_state_dict(model, name)
-    for module_name, module in owned.items():
-        expected |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key])
-    return model
 
 
 def _check_base(model: nn.Module, config: dict, directory: Path) -> None:
@@ -558,8 +665,10 @@ def _check_base(model: nn.Module, config: dict, directory: Path) -> None:
         )
     fingerprint = base_fingerprint(model, exclude=config["modules_to_save"])
     if fingerprint != config["base"]["fingerprint"]:
+        dtypes = sorted({str(p.dtype) for p in model.parameters()} - {str(torch.float32)})
+        cast = f" The model holds {dtypes} weights: cast it after loading." if dtypes else ""
         raise AdapterMismatchError(
             "The model's weights differ from the base the adapter was trained on (fingerprint "
             f"{fingerprint[:12]}… vs {config['base']['fingerprint'][:12]}… of the adapter in "
-            f"{shown}). Load the same base checkpoint the adapter was trained on."
+            f"{shown}). Load the same base checkpoint the adapter was trained on.{cast}"
         )

@@ -75,8 +75,9 @@ def init_distributed() -> torch.device:
 class ShardedBatchSampler(Sampler[list[int]]):
     """Rank ``rank``'s share of every batch of ``batch_sampler``: every ``world_size``-th
     message, starting at its rank. Every rank draws the same batches (the same seeded
-    generator, so a new shuffle each epoch, the same one everywhere), so N ranks on a batch of
-    B see exactly the messages one process would. B must be divisible by N: with equal shards,
+    generator, so a new shuffle each epoch, the same one everywhere; only training draws from
+    it, rank 0's evaluation reads the messages in order), so N ranks on a batch of B see
+    exactly the messages one process would. B must be divisible by N: with equal shards,
     DDP's average of the ranks' mean-loss gradients is the gradient of the whole batch's mean.
     """
 

@@ -179,6 +179,12 @@ def prepare_variant(base: GPTModel, variant: str, recipe: FinetuneRecipe) -> GPT
     return model
 
 
+def in_order(loader: DataLoader, batch_size: int) -> DataLoader:
+    """A loader of ``loader``'s whole dataset in its stored order, with its collate function:
+    for evaluating on training data without drawing from the generator training shuffles with."""
+    return DataLoader(loader.dataset, batch_size=batch_size, collate_fn=loader.collate_fn)
+
+
 def finetune(
     model: nn.Module,
     loaders: dict[str, DataLoader],
@@ -194,8 +200,11 @@ def finetune(
     """AdamW (``fast.adamw``, or ``optimizer``) on the trainable parameters for
     ``recipe.epochs`` epochs with ``train.train``, evaluating every epoch: the validation loss,
     and with ``accuracies`` the training/validation accuracy in ``history.metrics`` (under
-    torchrun, rank 0 measures the training accuracy on its shard). ``train_options`` go to
-    ``train`` (e.g. ``progress=False``).
+    torchrun, rank 0 measures them, the training accuracy on every training message). The
+    training accuracy reads the training messages in their stored order (``in_order``), never
+    through the shuffling loader: that would draw a shuffle from its generator and change every
+    later epoch's batches (under torchrun, on rank 0 alone). ``train_options`` go to ``train``
+    (e.g. ``progress=False``).
 
     When only the top trains (head only, last block) and ``cache_trunk``, the frozen part runs
     once per message (``lora_helpers.trunk``) and the top trains on its cached output: the
@@ -217,10 +226,11 @@ def finetune(
         optimizer = adamw(params, lr, recipe.weight_decay, device)
     steps_per_epoch = len(loaders["train"])
     loaders["train"].batch_sampler.generator.manual_seed(recipe.seed)  # same batches, same order
+    train_in_order = in_order(loaders["train"], recipe.batch_size)
 
     def measure_accuracies(m: nn.Module) -> dict[str, float]:
         return {
-            "train_acc": score(m, loaders["train"], device),
+            "train_acc": score(m, train_in_order, device),
             "val_acc": score(m, loaders["validation"], device),
         }
 

@@ -125,7 +125,13 @@ HF_CONFIG_FIELDS = {
     "n_layer": "n_layers",
     "tie_word_embeddings": "tie_weights",
 }
-HF_DEFAULTS = {"tie_word_embeddings": True, "activation_function": "gelu_new", "n_inner": None}
+HF_DEFAULTS = {
+    "tie_word_embeddings": True,
+    "activation_function": "gelu_new",
+    "n_inner": None,
+    "scale_attn_weights": True,  # attention scores divided by sqrt(head size), as ours
+    "scale_attn_by_inverse_layer_idx": False,  # and not also by the block's number
+}
 
 
 def check_gpt2_config(weights_path: str | Path, cfg: GPTConfig) -> None:
@@ -136,13 +142,17 @@ def check_gpt2_config(weights_path: str | Path, cfg: GPTConfig) -> None:
     if not path.exists():
         return
     try:
-        hf = HF_DEFAULTS | json.loads(path.read_text())
+        hf = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}): delete or fix it.") from err
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} is not a model config (a JSON object): delete or fix it.")
+    hf = HF_DEFAULTS | hf
     hf["n_inner"] = hf["n_inner"] or 4 * hf.get("n_embd", 0)  # null means 4 x n_embd
     expected = {key: getattr(cfg, ours) for key, ours in HF_CONFIG_FIELDS.items()}
     expected |= {"model_type": "gpt2", "activation_function": "gelu_new"}
     expected |= {"layer_norm_epsilon": 1e-5, "n_inner": 4 * cfg.emb_dim}  # our LayerNorm, MLP
+    expected |= {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False}
     diffs = [
         f"{key}: config.json {hf.get(key, 'missing')!r} vs model {value!r}"
         for key, value in expected.items()
@@ -168,8 +178,17 @@ def gpt2_name_map(n_layers: int) -> dict[str, tuple[str, ...]]:
 def read_gpt2_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """The weights in a GPT-2 safetensors file under hub names: no ``transformer.`` prefix,
     no mask buffers, no ``lm_head.weight`` (checked to equal ``wte.weight``, as GPT-2 ties them)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"No GPT-2 weights file at {path}.")
+    try:
+        source = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated or damaged. "
+            "Delete it and download it again (load_gpt2 downloads a missing file)."
+        ) from err
     tensors = {}
-    for key, tensor in load_file(str(path)).items():
+    for key, tensor in source.items():
         name = key.removeprefix("transformer.")
         if NON_WEIGHT_BUFFERS.fullmatch(name):
             continue

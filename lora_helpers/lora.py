@@ -190,6 +190,7 @@ class LinearWithLoRA(AdapterWrapper):
         self.adapters = nn.ModuleDict()
         self.add_adapter(name, rank, alpha, scaling, dropout, init)
         self.active = name
+        self.train(linear.training)  # a model in eval mode stays there: no dropout switched on
 
     plain = property(lambda self: self.linear)
     parts = property(lambda self: self.adapters)
@@ -204,14 +205,14 @@ class LinearWithLoRA(AdapterWrapper):
         dropout: float = 0.0,
         init: str = "default",
     ) -> LoRALayer:
-        """Add a new named adapter (not activated)."""
+        """Add a new named adapter (not activated), in this layer's mode (train or eval)."""
         in_dim, out_dim = layer_dims(self.plain)
         rank = as_rank(rank)
         check_lora_args(in_dim, out_dim, rank, alpha, scaling, dropout, init)
         if name in self.adapters:
             raise ValueError(f"This layer already has an adapter named {name!r}.")
         lora = LoRALayer(in_dim, out_dim, rank, alpha, scaling, dropout)
-        lora.to(self.plain.weight.device)
+        lora.to(self.plain.weight.device).train(self.training)
         if init == "gaussian":
             nn.init.normal_(lora.A, std=1 / rank)
         elif init == "olora":
@@ -290,6 +291,7 @@ class EmbeddingWithLoRA(LinearWithLoRA):
         self.adapters = nn.ModuleDict()
         self.add_adapter(name, rank, alpha, scaling, dropout, init)
         self.active = name
+        self.train(embedding.training)
 
     plain = property(lambda self: self.embedding)
     weight = property(lambda self: self.embedding.weight)  # the frozen table, as nn.Embedding

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -42,6 +43,15 @@ LAYER_MAP = {
 }
 OUR_TO_GPT2 = {ours: (gpt2, i) for gpt2, parts in LAYER_MAP.items() for i, ours in enumerate(parts)}
 EMBEDDING = "wte"  # GPT-2's token embedding, our tok_emb: PEFT names its factors lora_embedding_A/B
+TIED_EMBEDDING = (
+    "The adapter updates tok_emb, whose table GPT-2 shares with its output head "
+    "(tie_word_embeddings): PEFT's merge_and_unload() adds the update to wte and so to the head "
+    "too, and the merged model's logits differ from ours (our merge keeps the head on the "
+    "unchanged table). Use the exported adapter unmerged in PEFT, or leave tok_emb out of the "
+    "targets."
+)
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha where a config leaves it out
+RESAVE = "Save the adapter again with save_pretrained (PEFT) or save_adapter(..., format='peft')."
 
 
 class PeftFormatError(ValueError):
@@ -55,7 +65,7 @@ def save_peft_adapter(
     model: nn.Module,
     directory: str | Path,
     name: str | None = None,
-    modules_to_save: tuple[str, ...] | list[str] = (),
+    modules_to_save: str | tuple[str, ...] | list[str] = (),
     drop_head_bias: bool = False,
     base_model_name_or_path: str | None = None,
 ) -> Path:
@@ -65,6 +75,9 @@ def save_peft_adapter(
 
     Raises PeftFormatError, naming the layer, where no exact mapping exists. ``score`` has no
     bias, so a head with a non-zero bias is refused unless ``drop_head_bias`` (not exact then).
+    q, k and v that share one A (as imported from one c_attn) export at that A's rank; others
+    at r_q + r_k + r_v, so an imported c_attn of rank r comes back at 3r once trained here.
+    Warns where PEFT's merge would not be exact: an updated token embedding with a tied head.
     """
     name = name or ad.active_adapter(model)
     ad.check_adapter(model, name)
@@ -82,10 +95,12 @@ def save_peft_adapter(
         ranks[module] = lora_a.shape[0]
         root = ranks[module] if rule == "standard" else math.sqrt(ranks[module])
         alphas[module] = scaling * root  # so that PEFT's alpha/rank (or /√rank) is our scaling
-    head = _exported_head(model, name, modules_to_save, drop_head_bias)
+    head = _exported_head(model, name, ad.as_names(modules_to_save), drop_head_bias)
     if head is not None:
         tensors[f"{PREFIX}score.weight"] = head
     dropouts = [lora.dropout.p for lora in layers.values() if isinstance(lora.dropout, nn.Dropout)]
+    if EMBEDDING in ranks and head is None and model.cfg.tie_weights:
+        warnings.warn(TIED_EMBEDDING, UserWarning, stacklevel=2)
     config = _peft_config(ranks, alphas, rule, head is not None, max(dropouts, default=0.0))
     config["base_model_name_or_path"] = base_model_name_or_path
     directory = Path(directory)
@@ -149,7 +164,13 @@ def _fused_factors(
         )
     out_dim = present[0].B.shape[1]
     factors = [_factors(lora) if lora is not None else None for lora in parts]
-    a = torch.cat([f[0] for f in factors if f is not None], dim=1)
+    a_parts = [f[0] for f in factors if f is not None]
+    if all(torch.equal(a, a_parts[0]) for a in a_parts):  # one A: B side by side, rank kept
+        a = a_parts[0]
+        zero = a.new_zeros(a.shape[1], out_dim)
+        b = torch.cat([f[1] if f is not None else zero for f in factors], dim=1)
+        return a.T, b.T, present[0].scaling
+    a = torch.cat(a_parts, dim=1)
     b = torch.zeros(a.shape[1], out_dim * len(parts), dtype=a.dtype, device=a.device)
     row = 0
     for i, f in enumerate(factors):
@@ -160,7 +181,7 @@ def _fused_factors(
 
 
 def _exported_head(
-    model: nn.Module, name: str, modules_to_save: tuple[str, ...] | list[str], drop_bias: bool
+    model: nn.Module, name: str, modules_to_save: list[str], drop_bias: bool
 ) -> torch.Tensor | None:
     """The weight of the classification head the adapter owns (as ``score``), or None."""
     versions = ad.adapter_parts(model, name, ad.PerAdapterModule)
@@ -245,40 +266,95 @@ def load_peft_adapter(model: nn.Module, directory: str | Path, name: str = "defa
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise PeftFormatError(
-            f"{path} is not a readable PEFT adapter config ({err}): save the adapter again "
-            "with save_pretrained (PEFT) or save_adapter(..., format='peft')."
+            f"{path} is not a readable PEFT adapter config ({err}). {RESAVE}"
         ) from err
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{path} is not a PEFT adapter config (a JSON object). {RESAVE}")
     _check_peft_config(config)
     ad.check_new_adapter(model, name)
+    ad.check_unmerged(model)  # the new adapter would become active over merged weights
     lora_pairs, head = _read_peft_tensors(directory / PEFT_WEIGHTS_FILE)
     if not lora_pairs:
         raise PeftFormatError(f"{directory} holds no LoRA tensors (lora_A/lora_B).")
+    _check_layers(config, lora_pairs, directory / PEFT_WEIGHTS_FILE)
     rule = "rslora" if config.get("use_rslora") else "standard"
     updates = {}  # our layer -> (A, B, rank, alpha)
+    default_alpha = config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     for module, (lora_a, lora_b) in lora_pairs.items():
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, default_alpha)
         scaling = lora_scaling(alpha, lora_a.shape[0], rule)
         updates |= _split_module(model, module, lora_a, lora_b, scaling, rule)
-    _attach(model, name, updates, rule, config.get("lora_dropout", 0.0), head)
+    try:
+        _attach(model, name, updates, rule, config.get("lora_dropout", 0.0), head)
+    except ValueError as err:  # e.g. a shape for another GPT-2 size, an alpha of 0
+        raise PeftFormatError(f"{directory}: {err}") from err
     return model
 
 
 def _check_peft_config(config: dict) -> None:
+    """Refuse what makes a PEFT adapter compute something other than plain LoRA."""
     unsupported = {
         "peft_type": ("LORA",),
         "use_dora": (False, None),
         "bias": ("none", None),
         "lora_bias": (False, None),
-        "layers_to_transform": (None,),
         "layer_replication": (None,),
         "trainable_token_indices": (None,),
         "target_parameters": (None, []),
+        "alora_invocation_tokens": (None,),
+        "use_qalora": (False, None),
+        "use_bdlora": (None,),
+        "kasa_config": (None,),
+        "monteclora_config": (None,),
+        "arrow_config": (None,),
     }
     wrong = {k: config.get(k) for k, ok in unsupported.items() if config.get(k) not in ok}
     if wrong:
         raise PeftFormatError(
             f"This PEFT adapter uses {wrong}, which has no equivalent in our LoRA layers; only "
             "plain LoRA (peft_type LORA, no DoRA, no bias training) can be imported."
+        )
+    _check_init(config.get("init_lora_weights", True))
+
+
+# init_lora_weights values that leave the base weights as they are. PiSSA, OLoRA and CorDA
+# subtract the adapter's starting product from them, LoRA-GA an offset, LoftQ quantises them.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")  # PEFT converts these to plain LoRA
+
+
+def _check_init(init) -> None:
+    """Refuse an adapter trained on base weights that PEFT rewrote when it created it."""
+    if init in PLAIN_INITS:
+        return
+    if isinstance(init, str) and init.startswith(CONVERTIBLE_INITS):
+        remedy = (
+            "Convert it to plain LoRA with PEFT: save the trained model with "
+            "save_pretrained(folder, path_initial_model_for_weight_conversion=<the adapter "
+            "saved before training, with init_lora_weights=True>), then load that folder."
+        )
+    else:
+        remedy = "It has no plain-LoRA equivalent: use it in PEFT, on the base it was made for."
+    raise PeftFormatError(
+        f"This PEFT adapter has init_lora_weights={init!r}: PEFT rewrote the base weights when "
+        "it created the adapter, so the adapter fits those rewritten weights, not the unchanged "
+        f"GPT-2 weights it would be added to here, and its outputs would be wrong. {remedy}"
+    )
+
+
+def _check_layers(config: dict, lora_pairs: dict, path: Path) -> None:
+    """With ``layers_to_transform``, every LoRA tensor must be in one of those blocks."""
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return
+    layers = {layers} if isinstance(layers, int) else set(layers)
+    blocks = {m: re.search(r"(?:^|\.)h\.(\d+)\.", m) for m in lora_pairs}
+    outside = sorted(m for m, match in blocks.items() if not match or int(match[1]) not in layers)
+    if outside:
+        raise PeftFormatError(
+            f"{path} holds LoRA tensors for {outside}, outside its config's layers_to_transform "
+            f"{sorted(layers)}, so PEFT would not use them: the file and its config disagree. "
+            f"{RESAVE}"
         )
 
 
@@ -288,7 +364,14 @@ def _read_peft_tensors(
     """LoRA (A, B) by module name (as in the transformers model) and the score weight, if any."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     head, unknown = None, []
-    for key, tensor in load_file(str(path)).items():
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise PeftFormatError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated or damaged. "
+            f"Copy the folder again. {RESAVE}"
+        ) from err
+    for key, tensor in tensors.items():
         short = key.removeprefix(PREFIX)
         match = re.fullmatch(r"(.+)\.lora_(?:embedding_)?([AB])(?:\.weight)?", short)
         if match:
@@ -303,7 +386,22 @@ def _read_peft_tensors(
             f"{path} holds tensors with no place in our GPT: {unknown}. Only LoRA on c_attn, "
             "attn.c_proj, mlp.c_fc and mlp.c_proj, and a score head, map onto our layers."
         )
+    if bad := sorted(_shapes(m, p) for m, p in pairs.items() if not _fits(p)):
+        raise PeftFormatError(
+            f"{path}: a LoRA pair is lora_A (rank, in) and lora_B (out, rank), rank >= 1, but "
+            f"{'; '.join(bad)}. The file is damaged or holds no LoRA adapter. {RESAVE}"
+        )
     return {m: (p["A"], p["B"]) for m, p in pairs.items()}, head
+
+
+def _fits(pair: dict[str, torch.Tensor]) -> bool:
+    """Whether ``pair`` is A (rank, in) and B (out, rank) of one rank >= 1."""
+    a, b = pair["A"], pair["B"]
+    return a.dim() == b.dim() == 2 and a.shape[0] == b.shape[1] >= 1
+
+
+def _shapes(module: str, pair: dict[str, torch.Tensor]) -> str:
+    return f"{module} has A {tuple(pair['A'].shape)} and B {tuple(pair['B'].shape)}"
 
 
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
@@ -360,7 +458,7 @@ def _attach(
     head: torch.Tensor | None,
 ) -> None:
     """Add adapter ``name`` with the given per-layer factors (and head), all or nothing."""
-    try:
+    with ad.all_or_nothing(model, name):
         for layer_name, (a, b, rank, alpha) in updates.items():
             lora = add_lora(model, [layer_name], name, rank, alpha, rule, dropout)[layer_name]
             _copy(lora.A, a, f"{layer_name} A")
@@ -370,11 +468,7 @@ def _attach(
             score = nn.Linear(head.shape[1], head.shape[0], bias=False, device=device)
             _copy(score.weight, head, "score.weight (our out_head)")
             ad.add_module_version(model, "out_head", name, score)
-    except Exception:
-        if name in ad.adapter_names(model):
-            ad.delete_adapter(model, name)
-        raise
-    ad.set_adapter(model, name)
+        ad.set_adapter(model, name)
 
 
 def _copy(target: torch.Tensor, value: torch.Tensor, what: str) -> None:

@@ -48,6 +48,27 @@ class PretrainRecipe:
     corpora: tuple[str, ...] = ("shakespeare", "sms")  # notebook 06 ablates this choice
     seed: int = 123
 
+    def __post_init__(self) -> None:
+        """Refuse values that could only fail later, and unclearly; a list of corpora becomes a
+        tuple (a list would name another checkpoint, and pretrain a base that exists)."""
+        if isinstance(self.corpora, str) or not self.corpora:
+            raise ValueError(
+                f"corpora must be a non-empty tuple of names, e.g. ('sms',), got {self.corpora!r}."
+            )
+        object.__setattr__(self, "corpora", tuple(self.corpora))
+        lowest = {"batch_size": 1, "max_steps": 1, "eval_every": 1, "warmup_steps": 0}
+        wrong = [
+            f"{name} must be an integer >= {low}, got {getattr(self, name)!r}"
+            for name, low in lowest.items()
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= low)
+        ]
+        if not 0 < self.val_fraction < 1:
+            wrong.append(f"val_fraction must be between 0 and 1, got {self.val_fraction!r}")
+        if self.max_train_tokens is not None and not self.max_train_tokens > 0:
+            wrong.append(f"max_train_tokens must be None or positive, got {self.max_train_tokens}")
+        if wrong:
+            raise ValueError(f"This PretrainRecipe cannot be trained: {'; '.join(wrong)}.")
+
 
 FULL_RECIPE = PretrainRecipe()
 QUICK_RECIPE = PretrainRecipe(
@@ -206,28 +227,48 @@ def pretrain_base(device: torch.device, recipe: PretrainRecipe | None = None) ->
 
 
 def load_base_model(device: torch.device, recipe: PretrainRecipe | None = None) -> GPTModel:
-    """The pretrained base from notebook 04: loaded if saved, otherwise pretrained now."""
+    """The pretrained base from notebook 04: loaded if a completed run saved it, otherwise
+    pretrained now (an interrupted run resumes where it stopped)."""
     recipe = recipe or pretrain_recipe()
     path = base_checkpoint_path(recipe)
-    shown = display_path(path)
-    resume = resume_checkpoint_path(recipe)
-    if not path.exists():
-        print(f"No base checkpoint at {shown}: pretraining it now, exactly as notebook 04 does.")
-        pretrain_base(device, recipe)
-    elif resume.exists():  # the checkpoint is the best so far of a run that was interrupted
-        print(f"Pretraining was interrupted ({display_path(resume)} is left): resuming it.")
-        pretrain_base(device, recipe)
-    elif read_checkpoint_metadata(path).get("recipe") != json.loads(json.dumps(asdict(recipe))):
-        print(
-            f"The base checkpoint at {shown} was pretrained with another recipe: pretraining again."
-        )
+    if reason := why_pretrain(path, recipe):
+        print(reason)
         pretrain_base(device, recipe)
     model, meta = load_checkpoint(path, device=device)
     print(
         f"Loaded the base model ({count_parameters(model):,} parameters, step {meta['step']}, "
-        f"validation loss {meta['val_loss']:.3f}) from {shown}"
+        f"validation loss {meta['val_loss']:.3f}) from {display_path(path)}"
     )
     return model
+
+
+def why_pretrain(path: Path, recipe: PretrainRecipe) -> str | None:
+    """Why the checkpoint at ``path`` is not the finished base of ``recipe``; None if it is."""
+    shown, resume = display_path(path), resume_checkpoint_path(recipe)
+    if not path.exists():
+        return f"No base checkpoint at {shown}: pretraining it now, exactly as notebook 04 does."
+    meta = read_checkpoint_metadata(path)
+    if meta.get("recipe") != json.loads(json.dumps(asdict(recipe))):
+        return (
+            f"The base checkpoint at {shown} was pretrained with another recipe: pretraining again."
+        )
+    if is_finished(meta, recipe):
+        return None
+    if resume.exists():  # the checkpoint is the best so far of a run that was interrupted
+        return f"Pretraining was interrupted ({display_path(resume)} is left): resuming it."
+    return (
+        f"The base checkpoint at {shown} is from a run that did not finish (step "
+        f"{meta.get('step')} of {recipe.max_steps}, no completion mark, and no resume file to "
+        "continue from): pretraining again."
+    )
+
+
+def is_finished(meta: dict, recipe: PretrainRecipe) -> bool:
+    """Whether a base checkpoint's run completed: ``train`` marked it so, or it was saved at
+    the run's last step, after which nothing changed the weights."""
+    # The step is the one sign a checkpoint saved before the mark existed gives: one whose best
+    # step came earlier cannot be told from an interrupted run's, and is pretrained again.
+    return meta.get("finished") is True or meta.get("step") == recipe.max_steps
 
 
 BASES = ("scratch", "scratch-30M", "gpt2-124M", "gpt2-355M", "gpt2-774M", "gpt2-1558M")

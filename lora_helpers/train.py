@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
@@ -26,6 +28,9 @@ from .settings import display_path
 
 CHECKPOINT_FORMAT = "lora_helpers.gpt.v1"
 RESUME_FORMAT = "lora_helpers.resume.v1"
+# A resume file starts with this, 64 hex digits (the sha256 of the rest) and a newline, then
+# holds torch.save's bytes; files written before the checksum hold torch.save's bytes alone.
+RESUME_HEADER = b"lora_helpers.resume sha256="
 LossFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.device], torch.Tensor]
 
 
@@ -123,8 +128,11 @@ def train(
 
     Every ``eval_every`` steps (and at the end) the validation loss is measured; when it is the
     best so far and ``checkpoint_path`` is given, the model is saved there (with the step, the
-    validation loss and ``checkpoint_metadata``). ``eval_metrics(model)``, if given, is called
-    at each evaluation too (e.g. to measure accuracy) and its results go to ``history.metrics``.
+    validation loss and ``checkpoint_metadata``), and marked ``finished`` once the run completes
+    (``mark_finished``). ``eval_metrics(model)``, if given, is called at each evaluation too
+    (e.g. to measure accuracy) and its results go to ``history.metrics``; it must not iterate
+    ``train_loader``, whose shuffle would then change the later epochs' batches (use a loader
+    of the same data that does not shuffle, as ``finetune.in_order``).
 
     On a CUDA GPU with ``cuda_graphs``, each step's forward and backward pass is captured once
     per batch shape and replayed (``GraphedStep``): the same math, without the GPU waiting for
@@ -221,6 +229,8 @@ def train(
                 n_running,
             )  # fmt: skip
     history.seconds = time.perf_counter() - start
+    if checkpoint_path is not None and main and history.best_step >= 0:
+        mark_finished(checkpoint_path)  # before the resume file goes: the run's last trace
     if resume_path is not None:
         Path(resume_path).unlink(missing_ok=True)  # the run is complete: nothing to resume
     return history
@@ -294,11 +304,40 @@ def save_resume_state(
         "history": asdict(history),
         "running": [running.item(), n_running],
     }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getbuffer()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        f.write(RESUME_HEADER + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+        f.write(payload)
     os.replace(tmp, path)
+
+
+def read_resume_state(path: str | Path) -> dict:
+    """What a resume file holds, its checksum verified: CheckpointError, naming the file, for
+    a damaged one."""
+    data = Path(path).read_bytes()
+    if data.startswith(RESUME_HEADER):
+        header, _, data = data.partition(b"\n")
+        expected = header.removeprefix(RESUME_HEADER).decode(errors="replace")
+        if (actual := hashlib.sha256(data).hexdigest()) != expected:
+            raise CheckpointError(
+                f"{display_path(path)} is corrupt: its sha256 is {actual[:12]}…, it records "
+                f"{expected[:12]}… (a changed or truncated file). Delete it to restart the run "
+                "from its first step."
+            )
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # no code
+    except Exception as err:  # a damaged file: pickle, zip or torch errors
+        raise CheckpointError(
+            f"{path} is not a readable resume checkpoint ({err}). Delete it to start over."
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise CheckpointError(f"{path} is not a resume checkpoint ({RESUME_FORMAT}).")
+    return state
 
 
 def load_resume_state(
@@ -309,15 +348,8 @@ def load_resume_state(
     batches: Batches,
 ) -> tuple[int, History, float, int]:
     """Restore a resume file into ``model``, ``optimizer``, the RNGs and ``batches``; returns
-    (step, history, running loss sum, its count). Refuses a file of another run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-    except Exception as err:  # a damaged file: pickle, zip or torch errors
-        raise CheckpointError(
-            f"{path} is not a readable resume checkpoint ({err}). Delete it to start over."
-        ) from err
-    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        raise CheckpointError(f"{path} is not a resume checkpoint ({RESUME_FORMAT}).")
+    (step, history, running loss sum, its count). Refuses a damaged file or one of another run."""
+    state = read_resume_state(path)
     if state["identity"] != identity:
         raise CheckpointError(
             f"{path} was saved by another run (another recipe or step count): resuming it would "
@@ -359,6 +391,17 @@ def save_checkpoint(path: str | Path, model: GPTModel, **metadata) -> Path:
     return path
 
 
+def mark_finished(path: str | Path) -> None:
+    """Record in a checkpoint's metadata that its run completed (``finished: true``),
+    atomically: a checkpoint without it may be the best so far of an interrupted run."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() | {"finished": json.dumps(True)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(load_file(str(path)), str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
 def read_checkpoint_metadata(path: str | Path) -> dict:
     """The config and metadata stored in a checkpoint, without loading its weights."""
     path = Path(path)
@@ -368,7 +411,10 @@ def read_checkpoint_metadata(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({err}): it is truncated or damaged. "
+            "Copy it again, or delete it and train again."
+        ) from err
     if raw.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a lora_helpers GPT checkpoint (format {raw.get('format')!r}, "

@@ -8,7 +8,7 @@ from torch import nn
 
 from lora_helpers import adapters as ad
 from lora_helpers.downloads import sha256_of
-from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, merge_lora
+from lora_helpers.lora import LinearWithLoRA, add_lora, apply_lora, lora_layers, merge_lora
 from lora_helpers.model import GPTModel, gpt_config
 
 IDX = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -112,13 +112,14 @@ def test_wrong_base_is_refused_with_what_differs(two_adapters, tmp_path):
     config = json.loads(config_path.read_text())
     config["targets"].append("trf_blocks.7.att.W_query")
     config_path.write_text(json.dumps(config))
+    _record_checksum(tmp_path / "spam")  # a consistent adapter of a deeper model
     with pytest.raises(ad.AdapterMismatchError, match="trf_blocks.7.att.W_query"):
         ad.load_adapter(make_base(), tmp_path / "spam")
 
 
 def _record_checksum(directory):
     config = json.loads((directory / ad.CONFIG_FILE).read_text())
-    config["weights_sha256"] = sha256_of(directory / ad.WEIGHTS_FILE)
+    config["sha256"] = ad.adapter_sha256(directory / ad.WEIGHTS_FILE, config)
     (directory / ad.CONFIG_FILE).write_text(json.dumps(config))
 
 
@@ -269,3 +270,128 @@ def test_adapter_with_an_embedding_update_round_trips(base, tmp_path):
     torch.testing.assert_close(fresh(IDX), expected, rtol=0, atol=1e-6)
     with ad.disable_adapters(fresh):
         torch.testing.assert_close(fresh(IDX), base(IDX), rtol=0, atol=0)
+
+
+@pytest.fixture
+def merged(base):
+    """The base with an untrained adapter 'old' merged in: its weights are still the base's."""
+    model = copy.deepcopy(base)
+    ad.add_adapter(model, "old", rank=2, alpha=2, targets="attention")
+    merge_lora(model)
+    return model
+
+
+def test_a_load_onto_a_merged_model_is_refused_and_changes_nothing(
+    base, merged, tmp_path, unchanged
+):
+    fresh = copy.deepcopy(base)
+    ad.add_adapter(fresh, "new", rank=2, alpha=2, targets="blocks")
+    ad.save_adapter(fresh, tmp_path / "new")
+    check = unchanged(merged)
+    with pytest.raises(RuntimeError, match="merged into the weights: unmerge_lora"):
+        ad.load_adapter(merged, tmp_path / "new", name="new")
+    check()
+
+
+def test_a_load_that_fails_half_way_with_any_error_changes_nothing(
+    base, two_adapters, tmp_path, monkeypatch, unchanged
+):
+    ad.save_adapter(two_adapters, tmp_path / "spam", name="spam")
+    model = copy.deepcopy(base)
+    ad.add_adapter(model, "chat", rank=2, alpha=4, targets="attention")
+    check = unchanged(model)
+
+    def interrupted(*args):  # after every layer was wrapped: Ctrl-C, or any other error
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ad, "set_adapter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ad.load_adapter(model, tmp_path / "spam", name="spam")
+    check()
+
+
+def test_a_loaded_adapter_keeps_a_model_in_eval_mode(base, tmp_path):
+    model = copy.deepcopy(base)
+    ad.add_adapter(model, "drop", rank=2, alpha=2, targets="attention", dropout=0.5)
+    randomise(model, "drop")
+    ad.save_adapter(model, tmp_path / "drop")
+    fresh = copy.deepcopy(base).eval()
+    ad.load_adapter(fresh, tmp_path / "drop")
+    assert not any(m.training for m in fresh.modules())
+    assert torch.equal(fresh(IDX), fresh(IDX))  # no dropout: deterministic
+
+
+def _edit(directory, **changes):
+    path = directory / ad.CONFIG_FILE
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"alpha": 8}, r"'scaling' is 1.0, but alpha 8, rank 4 and scaling_rule 'standard' give 2"),
+        ({"scaling_rule": "rslora"}, r"'scaling' is 1.0, but .* 'rslora' give 2.0"),
+        ({"dropout": 0.3}, "adapter_config.json changed after save_adapter.. wrote them"),
+        ({"init": "gaussian"}, "changed after save_adapter"),
+    ],
+)
+def test_a_hand_edited_config_is_refused(two_adapters, tmp_path, changes, message):
+    ad.save_adapter(two_adapters, tmp_path / "spam", name="spam")
+    _edit(tmp_path / "spam", **changes)
+    with pytest.raises(ad.AdapterLoadError, match=message):
+        ad.load_adapter(make_base(), tmp_path / "spam")
+
+
+def test_an_adapter_saved_before_its_config_had_a_checksum_still_loads(two_adapters, tmp_path):
+    """Such a config records the tensor file's sha256 alone (weights_sha256)."""
+    ad.set_adapter(two_adapters, "spam")
+    expected = two_adapters(IDX)
+    folder = ad.save_adapter(two_adapters, tmp_path / "spam")
+    config = json.loads((folder / ad.CONFIG_FILE).read_text())
+    config["weights_sha256"] = sha256_of(folder / ad.WEIGHTS_FILE)
+    del config["sha256"]
+    (folder / ad.CONFIG_FILE).write_text(json.dumps(config))
+    torch.testing.assert_close(ad.load_adapter(make_base(), folder)(IDX), expected)
+    _edit(folder, alpha=8)  # no checksum covers it, but the recorded scaling no longer fits
+    with pytest.raises(ad.AdapterLoadError, match="'scaling' is 1.0, but alpha 8"):
+        ad.load_adapter(make_base(), folder)
+
+
+def test_an_adapter_whose_layers_differ_in_alpha_is_not_saved(base, tmp_path):
+    """adapter_config.json records one alpha: such a file would load with the wrong scaling."""
+    model = copy.deepcopy(base)
+    ad.add_adapter(model, "x", rank=2, alpha=4, targets="attention")
+    add_lora(model, ["trf_blocks.1.ff.fc1"], "x", rank=2, alpha=16)
+    with pytest.raises(ValueError, match=r"trf_blocks.0.att.W_query has \(2, 4, .*\['trf_blocks.1"):
+        ad.save_adapter(model, tmp_path / "x", name="x")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["", "a.b", None])
+def test_an_adapter_name_must_be_a_non_empty_string_without_dots(
+    base, two_adapters, tmp_path, name
+):
+    with pytest.raises(ValueError, match="name must be a non-empty string without '.', got"):
+        ad.add_adapter(copy.deepcopy(base), name, rank=2, alpha=2)
+    ad.save_adapter(two_adapters, tmp_path / "chat", name="chat")
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        ad.load_adapter(fresh, tmp_path / "chat", name=name)
+    assert not lora_layers(fresh)
+
+
+def test_one_module_name_as_a_string_is_one_name_not_its_letters(base, tmp_path):
+    model = copy.deepcopy(base)
+    ad.add_adapter(model, "x", rank=2, alpha=2, modules_to_save="out_head")
+    assert isinstance(model.out_head, ad.PerAdapterModule)
+    config = json.loads(
+        (ad.save_adapter(model, tmp_path, modules_to_save="out_head") / ad.CONFIG_FILE).read_text()
+    )
+    assert list(config["modules_to_save"]) == ["out_head"]
+    assert ad.base_fingerprint(base, exclude="out_head") == ad.base_fingerprint(base, ["out_head"])
+
+
+def test_an_adapter_loaded_onto_a_cast_base_is_refused_saying_why(two_adapters, tmp_path):
+    ad.save_adapter(two_adapters, tmp_path / "chat", name="chat")
+    with pytest.raises(ad.AdapterMismatchError, match=r"holds \['torch.bfloat16'\] weights: cast"):
+        ad.load_adapter(make_base().to(torch.bfloat16), tmp_path / "chat")

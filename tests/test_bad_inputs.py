@@ -1,10 +1,12 @@
-"""Every row of README's table "Bad inputs and what you see" is a test here: a wrong input is
-refused with a message that names what is wrong and what to do, and changes nothing."""
+"""Rows 1-32 of README's table "Bad inputs and what you see" are tests here (later rows name
+their tests, in the test file of their module): a wrong input is refused with a message that
+names what is wrong and what to do, and changes nothing."""
 
 import dataclasses
 import inspect
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import sys
 import threading
 import time
 import warnings
+from hashlib import sha256
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -145,21 +148,27 @@ def flip_last_byte(directory):  # the end of the file is tensor data, not the he
     path.write_bytes(bytes(data))
 
 
+def record_checksum(directory):
+    """Record the checksum of the files as they now are: a consistent adapter that does not
+    fit, rather than a corrupt or hand-edited one."""
+    config = json.loads((directory / ad.CONFIG_FILE).read_text())
+    edit_config(directory, sha256=ad.adapter_sha256(directory / ad.WEIGHTS_FILE, config))
+
+
 def resave(directory, edit):
-    """Rewrite the tensors with ``edit`` applied and record their new checksum: a consistent
-    file that does not fit, rather than a corrupt one."""
+    """Rewrite the tensors with ``edit`` applied, and record the checksum."""
     path = directory / ad.WEIGHTS_FILE
     tensors = load_file(str(path))
     edit(tensors)
     save_file(tensors, str(path))
-    edit_config(directory, weights_sha256=sha256_of(path))
+    record_checksum(directory)
 
 
 BAD_ADAPTERS = {
-    "truncated tensors": (truncate, "adapter.safetensors is corrupt"),
-    "flipped byte": (flip_last_byte, "adapter.safetensors is corrupt: its sha256"),
+    "truncated tensors": (truncate, "adapter.safetensors or its adapter_config.json changed"),
+    "flipped byte": (flip_last_byte, "adapter.safetensors or .* changed after .*: their sha256"),
     "truncated, no checksum (older adapter)": (
-        lambda d: (truncate(d), edit_config(d, weights_sha256=DROP)),
+        lambda d: (truncate(d), edit_config(d, sha256=DROP)),
         "adapter.safetensors is not a readable safetensors file",
     ),
     "tensors missing": (
@@ -180,8 +189,8 @@ BAD_ADAPTERS = {
     "targets missing": (lambda d: edit_config(d, targets=DROP), "'targets' is missing"),
     "unknown scaling": (lambda d: edit_config(d, scaling_rule="x"), "scaling must be one of"),
     "bad checksum field": (
-        lambda d: edit_config(d, weights_sha256="abc"),
-        "'weights_sha256' must be 64 hex digits",
+        lambda d: edit_config(d, sha256="abc"),
+        "'sha256' must be 64 hex digits",
     ),
     "wrong shape": (
         lambda d: resave(d, lambda t: t.update({"out_head.bias": torch.zeros(3)})),
@@ -196,7 +205,10 @@ BAD_ADAPTERS = {
         r"missing \['trf_blocks.0.ff.fc1.lora.B'\]",
     ),
     "another base": (
-        lambda d: edit_config(d, base={"architecture": {}, "fingerprint": "0"}),
+        lambda d: (
+            edit_config(d, base={"architecture": {}, "fingerprint": "0"}),
+            record_checksum(d),
+        ),
         "trained on another architecture",
     ),
 }
@@ -219,9 +231,13 @@ def test_a_bad_adapter_is_refused_and_leaves_the_model_as_it_was(
     assert ad.adapter_names(carrier) == ["chat", "spam"]
 
 
-def test_the_saved_config_records_the_tensor_files_sha256(saved_spam):
+def test_the_saved_config_records_a_sha256_of_the_tensors_and_its_fields(saved_spam):
     config = json.loads((saved_spam / ad.CONFIG_FILE).read_text())
-    assert config["weights_sha256"] == sha256_of(saved_spam / ad.WEIGHTS_FILE)
+    assert config["sha256"] == ad.adapter_sha256(saved_spam / ad.WEIGHTS_FILE, config)
+    fields = {k: v for k, v in config.items() if k != "sha256"}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    digest = sha256(f"{sha256_of(saved_spam / ad.WEIGHTS_FILE)}\n{text}".encode()).hexdigest()
+    assert config["sha256"] == digest
 
 
 # --- messages --------------------------------------------------------------------------------
@@ -415,7 +431,7 @@ def test_a_killed_pretraining_run_resumes_to_identical_weights(monkeypatch, tmp_
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert killed.returncode == 9, killed.stderr.decode()[-2000:]
     resume = pretrain.resume_checkpoint_path(RESUMABLE)
-    saved = torch.load(resume, weights_only=True)
+    saved = train.read_resume_state(resume)
     assert saved["step"] == 6 and saved["data"]["in_epoch"] == 2  # in the 2nd epoch
 
     resumed = pretrain_tiny(RESUMABLE)  # run again: continues from step 6
@@ -460,3 +476,18 @@ def test_lora_on_the_embedding_refuses_other_inits_and_dropout(kwargs, shown):
         apply_lora(model, rank=2, alpha=2, targets=["tok_emb", "blocks"], **kwargs)
     assert not lora_layers(model)  # nothing wrapped: all or nothing
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- the README's table ----------------------------------------------------------------------
+
+
+def test_the_readme_table_counts_its_rows_and_names_tests_that_exist():
+    root = Path(__file__).parents[1]
+    section = (root / "README.md").read_text().split("## Bad inputs and what you see")[1]
+    section = section.split("\n## ")[0]
+    rows = re.findall(r"^\| (\d+) \|", section, flags=re.M)
+    assert rows == [str(i) for i in range(1, len(rows) + 1)]
+    assert f"**{len(rows)} rows**" in section
+    named = re.findall(r"`(tests/test_\w+\.py)::(test_\w+)`", section)
+    missing = [f"{f}::{t}" for f, t in named if f"def {t}(" not in (root / f).read_text()]
+    assert named and not missing

@@ -23,7 +23,7 @@ from lora_helpers.model import GPTModel, gpt_config
 from lora_helpers.train import History, train
 
 CPU = torch.device("cpu")
-BATCH, STEPS = 4, 3
+BATCH, STEPS, EPOCHS = 4, 3, 3
 
 
 def messages(n: int = 16) -> list[tuple[list[int], int]]:
@@ -86,6 +86,27 @@ def two_rank_worker(rank: int, world_size: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def finetune_epochs(model, train_loader, loss_fn) -> History:
+    """``finetune`` for EPOCHS epochs, measuring the accuracies after each (rank 0 alone)."""
+    recipe = ft.FinetuneRecipe(epochs=EPOCHS, batch_size=BATCH)
+    fp32 = replace(capabilities(CPU), bf16_large_products=False)  # as in ``fit``
+    with mock.patch.object(fast, "capabilities", return_value=fp32):
+        loaders = {"train": train_loader, "validation": loader()}
+        return ft.finetune(model, loaders, CPU, recipe, 1e-3, loss_fn, progress=False)
+
+
+def epochs_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    url = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world_size)
+    model = lora_classifier()
+    shards = dd.shard_loader(loader(), rank, world_size)
+    history = finetune_epochs(dd.wrap(model, CPU), shards, dd.ddp_classification_loss)
+    weights = ft.trainable_state_dict(model)
+    torch.save({"weights": weights, "metrics": history.metrics}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -112,6 +133,25 @@ def test_two_processes_on_shards_equal_one_process_on_the_whole_batch(tmp_path):
     # DDP's buckets hold only the trainable parameters: each step all-reduces their gradients.
     assert two["bytes"] == STEPS * dd.gradient_bytes(alone)
     assert dd.gradient_bytes(alone) < sum(4 * p.numel() for p in alone.parameters()) / 10
+
+
+def test_two_processes_stay_one_process_over_epochs_with_accuracies_between_them(tmp_path):
+    """After each epoch rank 0 alone measures the accuracies; that pass must not draw from the
+    generator the ranks shuffle with, or rank 1 would shuffle otherwise from epoch 2 on."""
+    out = tmp_path / "run"
+    mp.spawn(epochs_worker, args=(2, free_port(), str(out)), nprocs=2)
+    two, other = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+
+    alone = lora_classifier()
+    history = finetune_epochs(alone, loader(), ft.classification_loss)
+    one = ft.trainable_state_dict(alone)
+
+    assert len(history.metrics) == len(two["metrics"]) == EPOCHS and other["metrics"] == []
+    for name, weight in one.items():
+        torch.testing.assert_close(two["weights"][name], weight, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(other["weights"][name], two["weights"][name], atol=0, rtol=0)
+    # Rank 0 measures the training accuracy on every training message, as one process does.
+    assert two["metrics"] == history.metrics
 
 
 def test_shards_partition_every_batch_in_the_same_order():

@@ -177,3 +177,23 @@ def test_runs_on_the_same_loaders_see_the_same_batches(base):
     second = ft.run_variant(base, "lora-r8", loaders, split, device, recipe)[0]
     for (name, a), b in zip(first.named_parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("variant", ["lora-r8", "head"])  # "head" trains on the cached trunk
+def test_measuring_accuracies_leaves_the_training_batches_as_they_were(base, variant):
+    """The training accuracy reads the training messages in a fixed order: a pass through the
+    shuffling loader would draw a shuffle from its generator and change every later epoch."""
+    recipe = ft.FinetuneRecipe(epochs=3, max_messages=24)
+    split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
+    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
+    device, runs = torch.device("cpu"), {}
+    for accuracies in (False, True):
+        model = ft.prepare_variant(base, variant, recipe)
+        lr = recipe.learning_rate(variant)
+        history = ft.finetune(model, loaders, device, recipe, lr, accuracies=accuracies)
+        runs[accuracies] = model, history
+    (plain, h_plain), (measured, h_measured) = runs[False], runs[True]
+    assert h_measured.steps == [3, 6, 9] and len(h_measured.metrics) == 3
+    assert h_measured.train_loss == h_plain.train_loss
+    for (name, a), b in zip(plain.named_parameters(), measured.parameters(), strict=True):
+        assert torch.equal(a, b), name

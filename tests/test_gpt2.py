@@ -1,4 +1,5 @@
 import hashlib
+import json
 import socket
 import threading
 from dataclasses import replace
@@ -211,3 +212,32 @@ def test_corrupt_download_is_refused_and_leaves_no_file(fake_hub, wrong):
     with pytest.raises(CorruptFileError, match=wrong):
         gpt2.fetch_gpt2("124M")
     assert not dest.exists() and list(dest.parent.iterdir()) == []  # no temporary file either
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False)]
+)
+def test_a_config_json_with_another_attention_scaling_is_refused(hf_model, tmp_path, field, value):
+    """Both change the attention scores without changing a shape: they would load silently."""
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {field: value}))
+    model = GPTModel(TINY)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"{field}: config.json {value} vs model {not value}"):
+        gpt2.load_gpt2_weights(model, tmp_path / "model.safetensors")
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_a_truncated_weights_file_is_refused_naming_it(hub_file):
+    hub_file.write_bytes(hub_file.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="is not a readable safetensors file.*download it again"):
+        gpt2.load_gpt2_weights(GPTModel(TINY), hub_file)
+
+
+def test_a_missing_weights_file_or_a_config_json_that_is_no_object_is_named(hub_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="No GPT-2 weights file at .*none.safetensors"):
+        gpt2.load_gpt2_weights(GPTModel(TINY), tmp_path / "none.safetensors")
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match="config.json is not a model config"):
+        gpt2.load_gpt2_weights(GPTModel(TINY), hub_file)

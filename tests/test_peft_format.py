@@ -12,7 +12,7 @@ from lora_helpers import adapters as ad
 from lora_helpers import peft_format as pf
 from lora_helpers.finetune import last_token_logits
 from lora_helpers.gpt2 import load_gpt2_weights
-from lora_helpers.lora import lora_layers
+from lora_helpers.lora import lora_layers, merge_lora
 from lora_helpers.model import GPTConfig, GPTModel
 
 transformers = pytest.importorskip("transformers")  # test dependencies (requirements-dev)
@@ -266,3 +266,171 @@ def test_classifier_with_an_embedding_update_exports_and_imports_exactly(checkpo
         close(hf(PADDED).logits, ours_logits)
         back = ad.load_adapter(ours(checkpoint), tmp_path, name="y")
         close(last_token_logits(back, PADDED, LENGTHS), ours_logits)
+
+
+def peft_folder(checkpoint, folder, **options):
+    """A trained-looking PEFT LoRA adapter for the tiny GPT-2, saved in ``folder``."""
+    config = peft.LoraConfig(**({"r": 2, "lora_alpha": 4, "target_modules": ["c_attn"]} | options))
+    hf = peft.get_peft_model(hf_lm(checkpoint), config).eval()
+    randomise(peft_lora_params(hf))
+    hf.save_pretrained(folder)
+    return hf
+
+
+def test_a_peft_load_onto_a_merged_model_is_refused_and_changes_nothing(
+    checkpoint, tmp_path, unchanged
+):
+    peft_folder(checkpoint, tmp_path)
+    model = ours(checkpoint)
+    ad.add_adapter(model, "old", rank=2, alpha=2, targets="attention")
+    merge_lora(model)
+    check = unchanged(model)
+    with pytest.raises(RuntimeError, match="merged into the weights: unmerge_lora"):
+        ad.load_adapter(model, tmp_path, name="new")
+    check()
+
+
+def test_a_peft_load_that_fails_half_way_with_any_error_changes_nothing(
+    checkpoint, tmp_path, monkeypatch, unchanged
+):
+    peft_folder(checkpoint, tmp_path, target_modules=["c_attn", "c_fc"])
+    model = ours(checkpoint)
+    ad.add_adapter(model, "chat", rank=2, alpha=2, targets="attention")
+    check = unchanged(model)
+    copy_, calls = pf._copy, []
+
+    def interrupted(*args):  # Ctrl-C a few layers in: not an Exception, yet undone too
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        copy_(*args)
+
+    monkeypatch.setattr(pf, "_copy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ad.load_adapter(model, tmp_path, name="new")
+    check()
+
+
+def test_a_peft_adapter_with_dropout_loads_in_the_models_eval_mode(checkpoint, tmp_path):
+    peft_folder(checkpoint, tmp_path, lora_dropout=0.5)
+    model = ad.load_adapter(ours(checkpoint), tmp_path)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(IDX), model(IDX))
+
+
+def test_pissa_is_refused_and_its_plain_lora_conversion_loads_exactly(checkpoint, tmp_path):
+    """PiSSA subtracts the adapter's start from the base weights: the adapter alone does not
+    fit GPT-2's weights. PEFT's conversion makes it a plain LoRA adapter (of twice the rank)."""
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], init_lora_weights="pissa"
+    )
+    hf = peft.get_peft_model(hf_lm(checkpoint), config).eval()
+    hf.peft_config["default"].init_lora_weights = True  # the starting point, as PEFT's docs do
+    hf.save_pretrained(tmp_path / "start")
+    hf.peft_config["default"].init_lora_weights = "pissa"
+    randomise(peft_lora_params(hf))
+    hf.save_pretrained(tmp_path / "pissa")
+    with pytest.raises(pf.PeftFormatError, match="init_lora_weights='pissa'.*rewrote the base"):
+        ad.load_adapter(ours(checkpoint), tmp_path / "pissa")
+    converted = tmp_path / "converted"
+    hf.save_pretrained(converted, path_initial_model_for_weight_conversion=tmp_path / "start")
+    with torch.no_grad():
+        close(ad.load_adapter(ours(checkpoint), converted)(IDX), hf(IDX).logits)
+
+
+@pytest.mark.parametrize("init", ["olora", "corda", "loftq", "pissa_niter_4"])
+def test_other_inits_that_rewrite_the_base_are_refused(checkpoint, tmp_path, init):
+    peft_folder(checkpoint, tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"init_lora_weights": init}))
+    with pytest.raises(pf.PeftFormatError, match=f"init_lora_weights='{init}'"):
+        ad.load_adapter(ours(checkpoint), tmp_path)
+
+
+def test_layers_to_transform_imports_with_the_same_logits(checkpoint, tmp_path):
+    hf = peft_folder(
+        checkpoint, tmp_path, target_modules=["c_attn", "c_fc"], layers_to_transform=[1]
+    )
+    model = ad.load_adapter(ours(checkpoint), tmp_path)
+    assert {n.split(".", 2)[1] for n in lora_layers(model)} == {"1"}  # block 1 only
+    with torch.no_grad():
+        close(model(IDX), hf(IDX).logits)
+
+
+def test_a_truncated_peft_file_is_refused_naming_it(checkpoint, tmp_path):
+    peft_folder(checkpoint, tmp_path)
+    path = tmp_path / pf.PEFT_WEIGHTS_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(pf.PeftFormatError, match="is not a readable safetensors file") as err:
+        ad.load_adapter(ours(checkpoint), tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_peft_to_ours_to_peft_keeps_c_attns_rank(checkpoint, tmp_path):
+    hf = peft_folder(checkpoint, tmp_path / "peft", r=4, lora_alpha=8)
+    imported = ad.load_adapter(ours(checkpoint), tmp_path / "peft")
+    ad.save_adapter(imported, tmp_path / "back", format="peft")
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 8, {})
+    back = peft.PeftModel.from_pretrained(hf_lm(checkpoint), tmp_path / "back").eval()
+    with torch.no_grad():
+        close(back(IDX).logits, hf(IDX).logits)
+
+
+def test_exporting_an_embedding_update_with_a_tied_head_warns(checkpoint, tmp_path):
+    """PEFT's merge adds the update to wte, which the tied head shares; unmerged it is exact."""
+    model = ours(checkpoint)
+    ad.add_adapter(model, "x", rank=2, alpha=4, targets=["tok_emb", "attention"])
+    randomise(our_lora_params(model))
+    with pytest.warns(UserWarning, match="shares with its output head.*merge_and_unload"):
+        ad.save_adapter(model, tmp_path, format="peft")
+    hf = peft.PeftModel.from_pretrained(hf_lm(checkpoint), tmp_path).eval()
+    with torch.no_grad():
+        close(hf(IDX).logits, model(IDX))
+        merged = hf.merge_and_unload()(IDX).logits
+    assert (merged - model(IDX)).abs().max() > 1e-2
+
+
+def test_a_peft_config_without_lora_alpha_uses_peft_s_default(checkpoint, tmp_path):
+    hf = peft_folder(checkpoint, tmp_path, lora_alpha=8)  # PEFT's default
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["lora_alpha"]
+    config_path.write_text(json.dumps(config))
+    with torch.no_grad():
+        close(ad.load_adapter(ours(checkpoint), tmp_path)(IDX), hf(IDX).logits)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda t, k: t.update({k: t[k][:1]}), r"has A \(1, 64\) and B \(192, 2\)"),
+        (lambda t, k: t.update({k: t[k][:0]}), r"has A \(0, 64\)"),
+        (lambda t, k: t.update({k: t[k][0]}), r"has A \(64,\)"),
+    ],
+)
+def test_lora_factors_of_unmatched_ranks_are_refused(checkpoint, tmp_path, damage, message):
+    peft_folder(checkpoint, tmp_path)
+    path = tmp_path / pf.PEFT_WEIGHTS_FILE
+    tensors = load_file(str(path))
+    damage(tensors, "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight")
+    save_file(tensors, str(path))
+    with pytest.raises(pf.PeftFormatError, match=f"{path}: a LoRA pair is .*{message}"):
+        ad.load_adapter(ours(checkpoint), tmp_path)
+
+
+def test_a_peft_adapter_for_another_size_is_refused_naming_the_folder(checkpoint, tmp_path):
+    peft_folder(checkpoint, tmp_path)
+    small = GPTModel(GPTConfig(**(TINY.to_dict() | {"emb_dim": 32})))
+    with pytest.raises(pf.PeftFormatError, match=f"{tmp_path}: .*another GPT-2 size"):
+        ad.load_adapter(small, tmp_path)
+    assert not lora_layers(small)
+
+
+def test_a_peft_config_that_is_not_an_object_is_refused(checkpoint, tmp_path):
+    peft_folder(checkpoint, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[]")
+    with pytest.raises(pf.PeftFormatError, match="is not a PEFT adapter config"):
+        ad.load_adapter(ours(checkpoint), tmp_path)

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from lora_helpers import pretrain
+from lora_helpers import train as train_module
 from lora_helpers.data import sms_pretraining_texts, sms_spam_split
+from lora_helpers.model import GPTModel, gpt_config
 from lora_helpers.tokenizer import END_OF_TEXT, get_tokenizer
-from lora_helpers.train import read_checkpoint_metadata
+from lora_helpers.train import read_checkpoint_metadata, save_checkpoint
 
 # A few seconds of pretraining on a tiny model: enough to exercise checkpoints and loading.
 TINY_RECIPE = pretrain.PretrainRecipe(
@@ -115,3 +117,70 @@ def test_gpt2_base_offline_falls_back_to_scratch_in_one_line(monkeypatch, tmp_pa
     assert out.count("\n") == 1 and "gpt2-124M needs the network" in out
     with pytest.raises(ValueError, match="Unknown base"):
         pretrain.choose_base("gpt3", torch.device("cpu"))
+
+
+def test_a_run_killed_before_its_first_resume_file_is_pretrained_again(
+    monkeypatch, tmp_path, capsys
+):
+    """Killed between the first best checkpoint (step 3) and the first resume file (also step
+    3): the checkpoint is not the finished base, and nothing is left to resume from."""
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    device = torch.device("cpu")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_resume_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.load_base_model(device, TINY_RECIPE)
+    path = pretrain.base_checkpoint_path(TINY_RECIPE)
+    assert read_checkpoint_metadata(path)["step"] == 3
+    assert not pretrain.resume_checkpoint_path(TINY_RECIPE).exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    capsys.readouterr()
+    pretrain.load_base_model(device, TINY_RECIPE)
+    out = capsys.readouterr().out
+    assert "is from a run that did not finish (step 3 of 6" in out and "pretraining again" in out
+    assert read_checkpoint_metadata(path)["finished"] is True
+
+
+@pytest.mark.parametrize(("step", "pretrained"), [(6, False), (3, True)])
+def test_a_checkpoint_saved_before_completion_marks_counts_as_finished_at_the_last_step(
+    monkeypatch, tmp_path, capsys, step, pretrained
+):
+    """Its step is the one sign of a completed run it carries: at the last step, nothing came
+    after it; before it, it may be an interrupted run's."""
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = GPTModel(gpt_config(TINY_RECIPE.preset))
+    recipe = dataclasses.asdict(TINY_RECIPE)
+    path = pretrain.base_checkpoint_path(TINY_RECIPE)
+    save_checkpoint(path, model, step=step, val_loss=5.0, recipe=recipe)  # no "finished"
+    pretrain.load_base_model(torch.device("cpu"), TINY_RECIPE)
+    assert ("did not finish" in capsys.readouterr().out) == pretrained
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"max_steps": 0}, "max_steps must be an integer >= 1, got 0"),
+        ({"eval_every": 0}, "eval_every must be an integer >= 1"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"val_fraction": 1.0}, "val_fraction must be between 0 and 1"),
+        ({"max_train_tokens": 0}, "max_train_tokens must be None or positive"),
+        ({"corpora": ()}, r"corpora must be a non-empty tuple of names, e.g. \('sms',\), got \(\)"),
+        ({"corpora": "sms"}, "corpora must be a non-empty tuple of names"),
+    ],
+)
+def test_a_recipe_that_cannot_train_is_refused_when_made(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(TINY_RECIPE, **change)
+
+
+def test_corpora_given_as_a_list_name_the_same_checkpoint():
+    listed = dataclasses.replace(pretrain.FULL_RECIPE, corpora=["shakespeare", "sms"])
+    assert listed == pretrain.FULL_RECIPE
+    assert pretrain.base_checkpoint_path(listed) == pretrain.base_checkpoint_path(
+        pretrain.FULL_RECIPE
+    )

@@ -2,6 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lora_helpers import train as train_module
 from lora_helpers.data import create_dataloader
 from lora_helpers.model import GPTModel, gpt_config
 from lora_helpers.train import (
@@ -10,6 +11,7 @@ from lora_helpers.train import (
     evaluate,
     load_checkpoint,
     read_checkpoint_metadata,
+    read_resume_state,
     save_checkpoint,
     train,
 )
@@ -145,3 +147,61 @@ def test_evaluate_weighs_each_batch_by_its_targets():
     assert evaluate(model, batches, cpu) == pytest.approx(expected, rel=1e-5)
     per_batch_mean = sum(evaluate(model, [b], cpu) for b in batches) / len(batches)
     assert per_batch_mean != pytest.approx(expected, rel=1e-3)  # what the old average gave
+
+
+def interrupted_run(resume, monkeypatch, stop_at: int):
+    """Train 4 steps with a resume file every 2 steps; Ctrl-C at the start of ``stop_at``."""
+    step, calls = train_module.optimizer_step, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", interrupt)
+    try:
+        return run_four_steps(resume)
+    finally:
+        monkeypatch.setattr(train_module, "optimizer_step", step)
+
+
+def run_four_steps(resume) -> GPTModel:
+    torch.manual_seed(0)
+    model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches, cpu = lm_batches(4, (8,)), torch.device("cpu")
+    train(model, batches, batches, optimizer, cpu, 4, 2, resume_path=resume, progress=False)
+    return model
+
+
+def test_a_resume_file_with_a_flipped_byte_is_refused(tmp_path, monkeypatch):
+    resume = tmp_path / "run.resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_run(resume, monkeypatch, stop_at=3)
+    data = bytearray(resume.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the saved tensors
+    resume.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="run.resume.pt is corrupt: .* Delete it to restart"):
+        run_four_steps(resume)
+    assert resume.read_bytes() == data  # left for the user to look at or delete
+
+
+def test_a_resume_file_saved_before_checksums_still_resumes(tmp_path, monkeypatch):
+    expected = run_four_steps(None).state_dict()
+    resume = tmp_path / "run.resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        interrupted_run(resume, monkeypatch, stop_at=3)
+    torch.save(read_resume_state(resume), resume)  # the file as it was written before
+    state = run_four_steps(resume).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def test_a_completed_run_marks_its_checkpoint_finished(tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches, path = lm_batches(4, (8,)), tmp_path / "best.safetensors"
+    train(model, batches, batches, optimizer, torch.device("cpu"), 4, 2, checkpoint_path=path)
+    meta = read_checkpoint_metadata(path)
+    assert meta["finished"] is True and meta["step"] in (2, 4)
