@@ -21,30 +21,38 @@ every run through the notebooks' own loop (``finetune.finetune`` → ``train.tra
    (and its head has no bias). Skipped when peft or transformers is not installed.
 
 Recipe: notebook 06's (``finetune.FinetuneRecipe``: batch 8, AdamW with weight decay 0.01,
-gradient clipping at 1, lr 1e-3 for LoRA, 1e-4 for full fine-tuning, 5 epochs, seed 123). The
+gradient clipping at 1, lr 1e-3 for LoRA, 1e-4 for full fine-tuning, 5 epochs), with seeds
+123, 124, 125 (``--seeds``: the head's and adapters' initialisation and the batch order), every
+variant once per seed in turn, so that a slow spell of the machine hits them all alike. The
 base is the notebooks' pretrained one (``pretrain.load_base_model``) when its checkpoint is in
 the artifacts folder (``--pretrain`` pretrains it first when it is not); otherwise a fresh
 initialisation, and the output says so: speed does not depend on the weights, accuracy does.
 
 Columns: ``seconds`` is ``train.train``'s wall time (every step, and each epoch's validation
-loss); ``examples_per_s`` the training examples over it; ``peak_mem_mib`` what the run added at
-its peak (``device.PeakMemory``: resident memory on a CPU, the allocator on a GPU);
-``unseen_test_acc`` the accuracy on the test messages whose text occurs in no training message
-(``finetune.unseen_test_mask``). Calibration: ``matmul_gflops`` is the best throughput of the
-model's own matrix products (tokens × d by d × d, d × 4d and 4d × d; fp32, or bf16 where the
+loss), the fastest of the seeds' runs (on a shared machine, interference only ever adds
+time: the fastest run is the closest to what the code costs; every run's time is in the
+JSON); ``examples_per_s`` the training examples over it;
+``peak_mem_mib`` what the run added at its peak (``device.PeakMemory``: resident memory on a
+CPU, the allocator on a GPU), the highest over the seeds; ``unseen_test_acc`` the accuracy on
+the test messages whose text occurs in no training message (``finetune.unseen_test_mask``),
+the mean over the seeds, and its range. Calibration: ``matmul_gflops`` is the best throughput
+of the model's own matrix products (tokens × d by d × d, d × 4d and 4d × d; fp32, or bf16 where the
 fast path autocasts) measured in the same run on the same threads; each variant's useful FLOP
-rate counts the real, unpadded tokens it trained on:
+rate counts the work the result needs, on the real, unpadded tokens it trained on:
 
-    useful FLOPs = tokens × (4·N + 2·N_trainable)
+    useful FLOPs = tokens × (4·N + 2·N_trainable) + messages × (4·M + 2·M_trainable)
 
 with N the weights of the matrix products every token passes through (the blocks' linear
-layers and adapters; not the embeddings, not the head read once per message): 2·N for the
+layers and adapters; not the embeddings), M those only each message's last token needs (the
+head reads that token alone: the last block's query, output projection and feed-forward; a
+variant that computes them at every token does work the result does not need): 2·N for the
 forward pass, 2·N for the gradients flowing back through every layer, 2·N_trainable for the
 gradients of the trained weights (so 6·N for full fine-tuning). Attention's own products are
 left out (short messages). ``pct_of_matmul`` is that rate over ``matmul_gflops``.
 
     python -m benchmarks.finetune_speed                    # the CPU run (scratch-7M, 5 epochs)
     python -m benchmarks.finetune_speed --lever-study      # and what each lever is worth
+    python -m benchmarks.finetune_speed --profile          # where one step's time goes
     python -m benchmarks.finetune_speed --table            # README table from results/*.json
 """
 
@@ -55,6 +63,7 @@ import datetime
 import gc
 import json
 import re
+import statistics
 import time
 import warnings
 from dataclasses import replace
@@ -65,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import levers as lv
+from benchmarks import step_profile
 from lora_helpers import finetune as ft
 from lora_helpers.data import message_loaders, sms_spam_split
 from lora_helpers.device import PeakMemory, capabilities, get_device
@@ -83,8 +93,10 @@ RESULT_KEYS = (
     "peak_mem_mib",
     "trainable_params",
     "unseen_test_acc",
+    "unseen_test_acc_range",
     "useful_gflops",
     "pct_of_matmul",
+    "seconds_per_run",
 )
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -138,21 +150,35 @@ def peft_logits(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.
 # --- measuring -------------------------------------------------------------------------------
 
 
-def matmul_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(all, trainable) weights of the matrix products every token passes through: 2-D
-    parameters outside embeddings and the classification head (``out_head``, ``score``)."""
-    total = trainable = 0
+def matmul_params(model: torch.nn.Module) -> tuple[int, int, int, int]:
+    """Weights of the matrix products a message's tokens pass through (2-D parameters outside
+    embeddings and the classification head, ``out_head`` or ``score``): (all, trainable) that
+    every token needs, then (all, trainable) that only the last token needs, because the head
+    reads it alone: the last block's query, output projection and feed-forward (with their
+    adapters; of GPT-2's fused ``c_attn`` the query's third)."""
+    tokens, tokens_trainable, last, last_trainable = 0, 0, 0, 0
     lookup = (torch.nn.Embedding, EmbeddingWithLoRA)  # lookups (LoRA on them too): no products
     lookups = [n for n, m in model.named_modules() if isinstance(m, lookup)]
-    for name, module in model.named_modules():
-        in_lookup = any(name == n or name.startswith(f"{n}.") for n in lookups)
-        if in_lookup or set(name.split(".")) & {"out_head", "score"}:
+    blocks = [n for n, m in model.named_modules() if re.fullmatch(r".*(trf_blocks|\.h)\.\d+", n)]
+    last_block = f"{blocks[-1]}."
+    for name, p in model.named_parameters():
+        in_lookup = any(name.startswith(f"{n}.") for n in lookups)
+        if p.dim() != 2 or in_lookup or set(name.split(".")) & {"out_head", "score"}:
             continue
-        for p in module.parameters(recurse=False):
-            if p.dim() == 2:
-                total += p.numel()
-                trainable += p.numel() if p.requires_grad else 0
-    return total, trainable
+        share = 0.0  # of this weight, the part only the last token needs
+        if name.startswith(last_block):
+            inner = name.removeprefix(last_block)
+            if inner.startswith(("att.W_query", "att.out_proj", "ff.", "attn.c_proj", "mlp.")):
+                share = 1.0
+            elif inner.startswith("attn.c_attn") and not inner.endswith("lora_A.default.weight"):
+                share = 1 / 3  # q of q|k|v (the adapter's A reads the input every token needs)
+        n_last = round(share * p.numel())
+        tokens += p.numel() - n_last
+        last += n_last
+        if p.requires_grad:
+            tokens_trainable += p.numel() - n_last
+            last_trainable += n_last
+    return tokens, tokens_trainable, last, last_trainable
 
 
 def matmul_gflops(emb_dim: int, device: torch.device, tokens: int = 512) -> float:
@@ -208,7 +234,8 @@ def measure(
     device: torch.device,
     recipe: ft.FinetuneRecipe,
 ) -> dict:
-    """Build, fine-tune and test one variant on ``device`` with ``levers``; one result row."""
+    """Build, fine-tune and test one variant on ``device`` with ``levers`` (one seed: the
+    recipe's); its time, useful work, peak memory and unseen test accuracy."""
     loaders = lv.loaders_for(context["loaders"], levers, context["longest"], recipe.seed)
     lr = recipe.learning_rate("full" if variant == "ours-full" else "lora")
     gc.collect()
@@ -224,25 +251,45 @@ def measure(
     logits_fn = peft_logits if variant == "peft-lora" else lv.logits_fn(levers)
     _, unseen_acc = ft.accuracy_on_test(model, loaders, context["split"], device, logits_fn)
     examples = recipe.epochs * len(loaders["train"]) * recipe.batch_size
-    n_all, n_trainable = matmul_params(model)
-    flops = examples * context["mean_length"] * (4 * n_all + 2 * n_trainable)
-    useful = flops / history.seconds / 1e9
-    row = {
-        "variant": name,
-        "seconds": round(history.seconds, 2),
-        "examples_per_s": round(examples / history.seconds, 1),
-        "peak_mem_mib": None if peak.mib is None else round(peak.mib, 1),
+    every, every_trainable, last, last_trainable = matmul_params(model)
+    flops = examples * context["mean_length"] * (4 * every + 2 * every_trainable)
+    flops += examples * (4 * last + 2 * last_trainable)
+    run = {
+        "seconds": history.seconds,
+        "examples": examples,
+        "flops": flops,
+        "peak_mem_mib": peak.mib,
         "trainable_params": count_parameters(model, trainable_only=True),
-        "unseen_test_acc": round(100 * unseen_acc, 2),
-        "useful_gflops": round(useful, 2),
-        "pct_of_matmul": round(100 * useful / context["matmul_gflops"], 1),
+        "unseen_test_acc": 100 * unseen_acc,
     }
     print(
-        f"  {name}: {row['seconds']:.2f} s, {row['examples_per_s']:.1f} examples/s, unseen test "
-        f"accuracy {row['unseen_test_acc']:.2f} %",
+        f"  {name}, seed {recipe.seed}: {run['seconds']:.2f} s, "
+        f"{examples / run['seconds']:.1f} examples/s, "
+        f"unseen test accuracy {run['unseen_test_acc']:.2f} %",
         flush=True,
     )
-    return row
+    return run
+
+
+def combine(name: str, runs: list[dict], matmul: float) -> dict:
+    """One result row from a variant's runs (one per seed): the fastest run's time, the peak
+    memory's maximum, the mean unseen test accuracy and its range."""
+    seconds = min(r["seconds"] for r in runs)
+    useful = runs[0]["flops"] / seconds / 1e9
+    peaks = [r["peak_mem_mib"] for r in runs if r["peak_mem_mib"] is not None]
+    accuracies = [r["unseen_test_acc"] for r in runs]
+    return {
+        "variant": name,
+        "seconds": round(seconds, 2),
+        "examples_per_s": round(runs[0]["examples"] / seconds, 1),
+        "peak_mem_mib": round(max(peaks), 1) if peaks else None,
+        "trainable_params": runs[0]["trainable_params"],
+        "unseen_test_acc": round(statistics.mean(accuracies), 2),
+        "unseen_test_acc_range": [round(min(accuracies), 2), round(max(accuracies), 2)],
+        "useful_gflops": round(useful, 2),
+        "pct_of_matmul": round(100 * useful / matmul, 1),
+        "seconds_per_run": [round(r["seconds"], 2) for r in runs],
+    }
 
 
 # --- the base --------------------------------------------------------------------------------
@@ -272,20 +319,27 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def accuracy_text(row: dict) -> str:
+    """The mean unseen test accuracy, with its range over the seeds when they differ."""
+    low, high = row["unseen_test_acc_range"]
+    spread = f" ({low:.1f}–{high:.1f})" if low < high else ""
+    return f"{row['unseen_test_acc']:.1f}{spread}"
+
+
 def format_table(rows: list[dict], matmul: float) -> str:
     head = (
         f"{'variant':28s} {'seconds':>8s} {'examples/s':>11s} {'peak MiB':>9s} "
-        f"{'trainable':>11s} {'unseen acc %':>13s} {'GFLOP/s':>8s} {'% matmul':>9s}"
+        f"{'trainable':>11s} {'unseen acc %':>18s} {'GFLOP/s':>8s} {'% matmul':>9s}"
     )
     lines = [head]
     for r in rows:
         peak = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(
             f"{r['variant']:28s} {r['seconds']:8.2f} {r['examples_per_s']:11.1f} {peak:>9s} "
-            f"{r['trainable_params']:11,} {r['unseen_test_acc']:13.2f} "
+            f"{r['trainable_params']:11,} {accuracy_text(r):>18s} "
             f"{r['useful_gflops']:8.2f} {r['pct_of_matmul']:9.1f}"
         )
-    lines.append(f"{'calibration: matmul':28s} {'':>8s} {'':>11s} {'':>9s} {'':>11s} {'':>13s} "
+    lines.append(f"{'calibration: matmul':28s} {'':>8s} {'':>11s} {'':>9s} {'':>11s} {'':>18s} "
                  f"{matmul:8.2f} {100.0:9.1f}")  # fmt: skip
     return "\n".join(lines)
 
@@ -331,10 +385,12 @@ def format_markdown(result: dict) -> str:
     lines = [
         f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['threads']} "
         f"thread(s) · {meta['preset']} ({meta['base']}), {meta['epochs']} epoch(s) over "
-        f"{meta['train_messages']:,} messages, batch {meta['batch_size']}, LoRA r={RANK}",
+        f"{meta['train_messages']:,} messages, batch {meta['batch_size']}, LoRA r={RANK}, "
+        f"seeds {', '.join(map(str, meta['seeds']))}",
         *(["", f"**{meta['note']}**"] if meta.get("note") else []),
         "",
-        "| variant | seconds | examples/s | peak MiB | trainable params | unseen test acc % "
+        "| variant | seconds (fastest seed) | examples/s | peak MiB | trainable params "
+        "| unseen test acc % (mean, range) "
         "| useful GFLOP/s | % of matmul |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -342,7 +398,7 @@ def format_markdown(result: dict) -> str:
         peak = "–" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append(
             f"| {r['variant']} | {r['seconds']:.2f} | {r['examples_per_s']:.1f} | {peak} | "
-            f"{r['trainable_params']:,} | {r['unseen_test_acc']:.1f} | "
+            f"{r['trainable_params']:,} | {accuracy_text(r)} | "
             f"{r['useful_gflops']:.2f} | {r['pct_of_matmul']:.1f} |"
         )
     lines.append(f"| calibration: matmul | | | | | | {meta['matmul_gflops']:.2f} | 100 |")
@@ -393,11 +449,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", default=FULL_RECIPE.preset, choices=sorted(PRESETS))
     parser.add_argument("--pretrain", action="store_true", help="pretrain the base if missing")
     parser.add_argument("--epochs", type=int, default=ft.FULL_FINETUNE.epochs)
+    parser.add_argument("--seeds", type=int, default=3, help="runs per variant, seeds 123, ...")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--max-messages", type=int, default=None, help="per split (smoke runs)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/<device>.json")
     parser.add_argument("--lever-study", action="store_true", help="ours-lora, one lever flipped")
     parser.add_argument("--table", action="store_true", help="only rewrite the README table")
+    parser.add_argument("--profile", action="store_true", help="profile one step, update README")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     return parser.parse_args(argv)
 
@@ -412,6 +470,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
+        if args.profile:
+            return profile_steps(args)
         return run(args)
     finally:
         torch.set_num_threads(threads)
@@ -441,13 +501,16 @@ def run(args: argparse.Namespace) -> dict:
         "GFLOP/s",
         flush=True,
     )
-    rows = []
-    for variant in args.variants:
-        if variant == "peft-lora" and not peft_available():
-            print("  peft-lora: skipped (pip install peft transformers to include it)")
-            continue
-        levers = lv.NAIVE if variant == "naive-lora" else lv.OURS
-        rows.append(measure(variant, variant, levers, base, context, device, recipe))
+    variants = [v for v in args.variants if v != "peft-lora" or peft_available()]
+    if len(variants) < len(args.variants):
+        print("  peft-lora: skipped (pip install peft transformers to include it)")
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+    for seed in range(recipe.seed, recipe.seed + args.seeds):  # every variant once per seed
+        for variant in variants:
+            levers = lv.NAIVE if variant == "naive-lora" else lv.OURS
+            seeded = replace(recipe, seed=seed)
+            runs[variant].append(measure(variant, variant, levers, base, context, device, seeded))
+    rows = [combine(variant, r, context["matmul_gflops"]) for variant, r in runs.items()]
     print()
     print(format_table(rows, context["matmul_gflops"]))
     print()
@@ -461,6 +524,7 @@ def run(args: argparse.Namespace) -> dict:
             "preset": args.preset,
             "base": "pretrained" if base_note.startswith("pretrained") else "fresh init",
             "epochs": args.epochs,
+            "seeds": list(range(recipe.seed, recipe.seed + args.seeds)),
             "batch_size": recipe.batch_size,
             "train_messages": len(split["train"]),
             "matmul_gflops": round(context["matmul_gflops"], 2),
@@ -468,7 +532,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": [{k: r[k] for k in RESULT_KEYS} for r in rows],
     }
     if args.lever_study:
-        result["lever_study"] = lever_study(base, context, device, recipe, rows)
+        result["lever_study"] = lever_study(base, context, device, recipe)
     out = args.out or RESULTS_DIR / f"{slug(device_name(device))}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -476,23 +540,60 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def lever_study(base, context, device, recipe, rows) -> list[dict]:
-    """ours-lora as it is, then with each lever flipped on its own."""
-    ours = next((r for r in rows if r["variant"] == "ours-lora"), None)
-    if ours is None:
-        ours = measure("ours-lora", "ours-lora", lv.OURS, base, context, device, recipe)
+def profile_steps(args: argparse.Namespace) -> dict:
+    """``benchmarks.step_profile`` on ours-lora, ours-full and notebook 06's LoRA (which also
+    adapts the token embedding), on the benchmark's first batches; rewrites its README table."""
+    device = get_device()
+    recipe = replace(ft.FULL_FINETUNE, lora_targets="blocks")
+    base, base_note = base_model(args.preset, args.pretrain, recipe.seed)
+    split = ft.shrink_split(sms_spam_split(), args.max_messages)
+    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
+    batches = list(loaders["train"])
+    warm_up(device)
+    models = {
+        "ours-lora": build_model("ours-lora", base, recipe),
+        "ours-full": build_model("ours-full", base, recipe),
+        "notebook 06's LoRA (+ embedding)": ft.prepare_variant(base, "lora-r16", ft.FULL_FINETUNE),
+    }
+    profiles = {}
+    for name, model in models.items():
+        lr = recipe.learning_rate("full" if name == "ours-full" else "lora")
+        profiles[name] = step_profile.profile_variant(model, batches, device, lr)
+        print(f"  {name}: {sum(profiles[name]['ms'].values()):.2f} ms per step", flush=True)
+    header = (
+        f"{datetime.date.today().isoformat()} · {device_name(device)} · torch {torch.__version__} "
+        f"· {torch.get_num_threads()} thread(s) · {args.preset} ({base_note.split(' (')[0]}), "
+        f"batch {recipe.batch_size}, LoRA r={RANK}; mean of 50 steps after 10, operators "
+        "from 20 profiled steps"
+    )
+    table = header + "\n\n" + step_profile.format_profile(profiles)
+    print("\n" + table)
+    step_profile.update_readme(table)
+    return profiles
+
+
+def lever_study(base, context, device, recipe) -> list[dict]:
+    """ours-lora as it is, then with each lever flipped on its own (seed 123, the faster of two
+    runs each)."""
+    matmul = context["matmul_gflops"]
+
+    def one(label: str, levers: lv.Levers) -> dict:  # the faster of two runs (same seed)
+        runs = [measure(label, "ours-lora", levers, base, context, device, recipe)]
+        runs.append(measure(label, "ours-lora", levers, base, context, device, recipe))
+        return combine(label, runs, matmul)
+
+    ours = one("ours-lora", lv.OURS)  # measured like the levers: the faster of two runs
     study = [ours]
     for label, levers in lv.lever_study_levers(device).items():
         try:
-            study.append(measure(label, "ours-lora", levers, base, context, device, recipe))
+            study.append(one(label, levers))
         except Exception as err:  # torch.compile needs a working compiler toolchain
             print(f"  {label}: failed ({type(err).__name__}: {str(err)[:200]})")
     threads = torch.get_num_threads()
     if device.type == "cpu" and threads > 1:
         torch.set_num_threads(1)
         try:
-            label = f"with 1 thread, not {threads}"
-            study.append(measure(label, "ours-lora", lv.OURS, base, context, device, recipe))
+            study.append(one(f"with 1 thread, not {threads}", lv.OURS))
         finally:
             torch.set_num_threads(threads)
     print("\nWhat each lever is worth (ours-lora; x ours: its seconds over ours'):")

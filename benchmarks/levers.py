@@ -7,6 +7,8 @@ still trains with ``finetune.finetune`` → ``train.train``, only with other pie
 - ``length_buckets``: batches of similar length (``data.LengthBucketSampler``), or random ones
   (pools of one batch) — with ``pad_per_batch`` off the batches are the same as ours;
 - ``last_token_head``: the class head at the last real token only, or at every position;
+- ``last_token_block``: the last block at the last real token only (``hidden_states(ids,
+  last)``), or at every position, the head then reading the last token's row;
 - ``fused_adamw``: ``fast.adamw``, or plain ``torch.optim.AdamW``;
 - ``autocast``, ``cuda_graphs``: ``train.train``'s own switches (CUDA GPUs only);
 - ``bf16_frozen_base``: ``cast_frozen_base`` (below) (CUDA GPUs with bf16 only; off in ours);
@@ -43,6 +45,7 @@ class Levers:
     pad_per_batch: bool = True
     length_buckets: bool = True
     last_token_head: bool = True
+    last_token_block: bool = True
     fused_adamw: bool = True
     autocast: bool = True
     cuda_graphs: bool = True
@@ -55,6 +58,7 @@ NAIVE = Levers(
     sdpa=False,
     pad_per_batch=False,
     last_token_head=False,
+    last_token_block=False,
     fused_adamw=False,
     autocast=False,
     cuda_graphs=False,
@@ -132,8 +136,20 @@ def all_positions_logits(
     return logits[torch.arange(len(lengths), device=logits.device), positions]
 
 
+def every_position_logits(
+    model: GPTModel, input_ids: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """The class head at the last real token, read from every position's final hidden states
+    (the last block computed at every position)."""
+    hidden = model.hidden_states(input_ids)
+    positions = lengths.to(hidden.device) - 1
+    return model.out_head(hidden[torch.arange(len(lengths), device=hidden.device), positions])
+
+
 def logits_fn(levers: Levers) -> ft.LogitsFn:
-    return ft.last_token_logits if levers.last_token_head else all_positions_logits
+    if not levers.last_token_head:
+        return all_positions_logits
+    return ft.last_token_logits if levers.last_token_block else every_position_logits
 
 
 def set_sdpa(model: torch.nn.Module, on: bool) -> None:

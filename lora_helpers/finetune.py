@@ -35,6 +35,7 @@ from .train import History, LossFn, train
 from .trunk import cached_accuracy, cached_loaders, cached_loss, cut_point
 
 VARIANTS = ("head", "last-block", "full", "lora-r8", "lora-r16")
+EVAL_BATCH_SIZE = 64  # evaluation stores no activations for backward: larger batches fit
 LABEL_NAMES = {index: name for name, index in LABEL_IDS.items()}
 LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -90,12 +91,12 @@ def last_token_logits(
     """Class logits read at each message's last real token, never at a padding position.
 
     With causal attention, that position has seen the whole message and none of the padding
-    after it, so the result does not depend on how much padding the batch needed.
+    after it, so the result does not depend on how much padding the batch needed. The last
+    block computes only that position (``hidden_states(ids, last)``): the same logits, about a
+    fifth less work in a 4-block model.
     """
-    hidden = model.hidden_states(input_ids)
-    last_positions = lengths.to(hidden.device, non_blocking=True) - 1
-    last = hidden[torch.arange(len(lengths), device=hidden.device), last_positions]
-    return model.out_head(last)
+    last = lengths.to(input_ids.device, non_blocking=True) - 1
+    return model.out_head(model.hidden_states(input_ids, last))
 
 
 def classification_loss(
@@ -110,7 +111,7 @@ def classification_loss(
     return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     model: nn.Module,
     loader: DataLoader,
@@ -185,6 +186,16 @@ def in_order(loader: DataLoader, batch_size: int) -> DataLoader:
     return DataLoader(loader.dataset, batch_size=batch_size, collate_fn=loader.collate_fn)
 
 
+def by_length(loader: DataLoader, batch_size: int = EVAL_BATCH_SIZE) -> DataLoader:
+    """A loader of ``loader``'s messages sorted by length, in batches of ``batch_size``: for a
+    loss or an accuracy over all of them, which the order does not change, with the least
+    padding and few batches. Draws nothing from the training shuffle's generator."""
+    lengths = [len(ids) for ids in loader.dataset.ids]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn)
+
+
 def finetune(
     model: nn.Module,
     loaders: dict[str, DataLoader],
@@ -200,10 +211,10 @@ def finetune(
     """AdamW (``fast.adamw``, or ``optimizer``) on the trainable parameters for
     ``recipe.epochs`` epochs with ``train.train``, evaluating every epoch: the validation loss,
     and with ``accuracies`` the training/validation accuracy in ``history.metrics`` (under
-    torchrun, rank 0 measures them, the training accuracy on every training message). The
-    training accuracy reads the training messages in their stored order (``in_order``), never
-    through the shuffling loader: that would draw a shuffle from its generator and change every
-    later epoch's batches (under torchrun, on rank 0 alone). ``train_options`` go to ``train``
+    torchrun, rank 0 measures them, the training accuracy on every training message). Both
+    read the messages sorted by length (``by_length``), never through the shuffling loader:
+    that would draw a shuffle from its generator and change every later epoch's batches (under
+    torchrun, on rank 0 alone). ``train_options`` go to ``train``
     (e.g. ``progress=False``).
 
     When only the top trains (head only, last block) and ``cache_trunk``, the frozen part runs
@@ -220,24 +231,28 @@ def finetune(
             model, {k: loaders[k] for k in ("train", "validation")}, device, cut
         )
         loss_fn, score = partial(cached_loss, cut=cut), partial(cached_accuracy, cut=cut)
+    if cacheable and cut is None:
+        train_eval, validation = by_length(loaders["train"]), by_length(loaders["validation"])
+    else:
+        train_eval = in_order(loaders["train"], recipe.batch_size)
+        validation = loaders["validation"]
     cache_seconds = time.perf_counter() - start
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(params, lr, recipe.weight_decay, device)
     steps_per_epoch = len(loaders["train"])
     loaders["train"].batch_sampler.generator.manual_seed(recipe.seed)  # same batches, same order
-    train_in_order = in_order(loaders["train"], recipe.batch_size)
 
     def measure_accuracies(m: nn.Module) -> dict[str, float]:
         return {
-            "train_acc": score(m, train_in_order, device),
-            "val_acc": score(m, loaders["validation"], device),
+            "train_acc": score(m, train_eval, device),
+            "val_acc": score(m, validation, device),
         }
 
     history = train(
         model,
         loaders["train"],
-        loaders["validation"],
+        validation,
         optimizer,
         device,
         max_steps=recipe.epochs * steps_per_epoch,

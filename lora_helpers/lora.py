@@ -129,7 +129,7 @@ class LoRALayer(nn.Module):
         out = self.dropout(x) @ self.A @ self.B
         if self.A0 is not None:
             out = out - x @ self.A0 @ self.B0
-        return self.scaling * out
+        return out if self.scaling == 1 else self.scaling * out  # alpha = rank: no multiply
 
     def delta_weight(self) -> torch.Tensor:
         """The update in ``nn.Linear``'s weight layout (out × in): scaling · (A B - A0 B0)ᵀ."""

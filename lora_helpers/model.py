@@ -82,22 +82,35 @@ class MultiHeadAttention(nn.Module):
         mask = torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), 1)
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, n_tokens, d_out) -> (b, num_heads, n_tokens, head_dim)."""
         b, n_tokens, _ = x.shape
-        # (b, n_tokens, d_out) -> (b, num_heads, n_tokens, head_dim)
-        q, k, v = (
-            proj(x).view(b, n_tokens, self.num_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.W_query, self.W_key, self.W_value)
-        )
+        return x.view(b, n_tokens, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Every position's output, (b, n_tokens, d_out); with ``last`` (one position per row),
+        that position's alone, (b, 1, d_out): its query attends to every position up to it,
+        which is all a classifier reading one token needs."""
+        b, n_tokens, _ = x.shape
+        rows = x if last is None else x[torch.arange(b, device=x.device), last].unsqueeze(1)
+        q = self.heads(self.W_query(rows))
+        k, v = self.heads(self.W_key(x)), self.heads(self.W_value(x))
+        if last is None:
+            future = self.mask[:n_tokens, :n_tokens]  # (n_tokens, n_tokens): True = masked
+        else:  # (b, 1, 1, n_tokens): the positions after each row's query
+            future = (torch.arange(n_tokens, device=x.device) > last[:, None])[:, None, None]
         if self.use_sdpa:
             p = self.dropout.p if self.training else 0.0
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            mask = None if last is None else ~future  # SDPA's boolean mask: True = attend
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=last is None
+            )
         else:
             scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(self.mask[:n_tokens, :n_tokens], float("-inf"))
+            scores = scores.masked_fill(future, float("-inf"))
             weights = self.dropout(torch.softmax(scores, dim=-1))
             context = weights @ v
-        context = context.transpose(1, 2).reshape(b, n_tokens, -1)
+        context = context.transpose(1, 2).reshape(b, rows.shape[1], -1)
         return self.out_proj(context)
 
 
@@ -140,8 +153,10 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x)))
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, n_tokens, emb_dim), or with ``last`` only those positions' rows, (b, 1, emb_dim)."""
+        shortcut = x if last is None else x[torch.arange(len(x), device=x.device), last, None]
+        x = shortcut + self.drop_shortcut(self.att(self.norm1(x), last))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -173,8 +188,10 @@ class GPTModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, in_idx: torch.Tensor) -> torch.Tensor:
-        """The final-norm output, (batch, n_tokens, emb_dim): what the head reads."""
+    def hidden_states(self, in_idx: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm output, (batch, n_tokens, emb_dim): what the head reads. With ``last``
+        (one position per row), only those positions', (batch, emb_dim): the last block then
+        computes keys and values at every position and the rest at that one alone."""
         n_tokens = in_idx.shape[1]
         if n_tokens > self.cfg.context_length:
             raise ValueError(
@@ -183,7 +200,12 @@ class GPTModel(nn.Module):
             )
         positions = torch.arange(n_tokens, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
-        return self.final_norm(self.trf_blocks(x))
+        if last is None:
+            return self.final_norm(self.trf_blocks(x))
+        *first, final = self.trf_blocks
+        for block in first:
+            x = block(x)
+        return self.final_norm(final(x, last)).squeeze(1)
 
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary for every position, (batch, n_tokens, vocab_size)."""

@@ -49,7 +49,7 @@ def lm_loss(
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(
     model: torch.nn.Module,
     loader: Iterable,

@@ -8,7 +8,8 @@ without gradients stores, per message, what the trained top reads:
 - the top blocks (+ final norm + head): the hidden states entering the first trained block,
   at the message's real tokens only, ``(length, emb_dim)``. Causal attention means padding
   never changes a real position, so each batch is padded again, with zeros. The last block
-  then runs only what the head reads (``last_token_block``): its output at the last token.
+  then runs only what the head reads (``TransformerBlock(x, last)``): its output at the last
+  token.
 
 Training then runs the usual loop (``train.train``) on loaders of these features, with the
 same batches in the same order; the trained modules are the full model's own, so the full
@@ -133,24 +134,6 @@ def cached_loaders(
     }
 
 
-def last_token_block(block: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """``block(x)`` at each row's last real token only, (batch, emb_dim): keys and values from
-    every real position, the rest (query, projection, feed-forward) from that one position,
-    which is all the head reads. The same result as the full block, in a fraction of the work."""
-    att, (b, n, _) = block.att, x.shape
-    rows, last = torch.arange(b, device=x.device), lengths.to(x.device) - 1
-    h = block.norm1(x)
-    k, v = (
-        proj(h).view(b, n, att.num_heads, -1).transpose(1, 2) for proj in (att.W_key, att.W_value)
-    )
-    q = att.W_query(h[rows, last]).view(b, att.num_heads, 1, -1)
-    real = torch.arange(n, device=x.device) <= last[:, None]  # the causal mask of that position
-    p = att.dropout.p if att.training else 0.0
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=real[:, None, None], dropout_p=p)
-    x = x[rows, last] + block.drop_shortcut(att.out_proj(context.reshape(b, -1)))
-    return x + block.drop_shortcut(block.ff(block.norm2(x)))
-
-
 def top_logits(
     model: GPTModel, batch: tuple[torch.Tensor, ...], device: torch.device, cut: int
 ) -> torch.Tensor:
@@ -161,7 +144,7 @@ def top_logits(
         return model.out_head(features)
     lengths, blocks = batch[1].to(device, non_blocking=True), model.trf_blocks
     if cut < len(blocks):
-        features = last_token_block(blocks[-1], blocks[cut:-1](features), lengths)
+        features = blocks[-1](blocks[cut:-1](features), lengths - 1).squeeze(1)
     else:  # only the final norm and the head train
         features = features[torch.arange(len(lengths), device=device), lengths - 1]
     return model.out_head(model.final_norm(features))

@@ -22,11 +22,13 @@ CUDA = torch.device("cuda")
 def test_benchmark_writes_one_row_per_variant_with_exactly_the_required_keys(tmp_path, capsys):
     out = tmp_path / "results.json"
     argv = ["--preset", "scratch-tiny", "--epochs", "1", "--max-messages", "24", "--threads", "1"]
+    argv += ["--seeds", "2"]
     variants = list(bench.VARIANTS) if bench.peft_available() else list(bench.VARIANTS[:3])
     returned = bench.main([*argv, "--out", str(out), "--variants", *variants])
     result = json.loads(out.read_text())
     assert result == returned
     assert {"device", "torch", "threads", "date", "preset", "epochs"} <= set(result["metadata"])
+    assert result["metadata"]["seeds"] == [123, 124]
     assert result["metadata"]["base"] == "fresh init" and result["metadata"]["threads"] == 1
     rows = result["rows"]
     assert [row["variant"] for row in rows] == variants
@@ -34,7 +36,10 @@ def test_benchmark_writes_one_row_per_variant_with_exactly_the_required_keys(tmp
         assert list(row) == list(bench.RESULT_KEYS)
         assert row["seconds"] > 0 and row["examples_per_s"] > 0 and row["useful_gflops"] > 0
         assert row["peak_mem_mib"] is None or row["peak_mem_mib"] >= 0
-        assert 0 <= row["unseen_test_acc"] <= 100
+        low, high = row["unseen_test_acc_range"]
+        assert 0 <= low <= row["unseen_test_acc"] <= high <= 100
+        assert len(row["seconds_per_run"]) == 2
+        assert min(row["seconds_per_run"]) <= row["seconds"] <= max(row["seconds_per_run"])
     by = {row["variant"]: row["trainable_params"] for row in rows}
     assert by["naive-lora"] == by["ours-lora"] < by["ours-full"]
     cfg = gpt_config("scratch-tiny")
@@ -90,6 +95,7 @@ def test_lever_study_flips_one_lever_at_a_time():
         "without pad_per_batch",
         "without length_buckets",
         "without last_token_head",
+        "without last_token_block",
         "without fused_adamw",
         "with compile",
     }
@@ -150,10 +156,9 @@ def test_the_naive_head_reads_the_same_logits(base):
     input_ids = torch.full((2, 9), PAD_ID)
     input_ids[0, :4], input_ids[1, :9] = torch.arange(4), torch.arange(9)
     lengths = torch.tensor([4, 9])
-    torch.testing.assert_close(
-        lv.all_positions_logits(model, input_ids, lengths),
-        ft.last_token_logits(model, input_ids, lengths),
-    )
+    ours = ft.last_token_logits(model, input_ids, lengths)
+    torch.testing.assert_close(lv.all_positions_logits(model, input_ids, lengths), ours)
+    torch.testing.assert_close(lv.every_position_logits(model, input_ids, lengths), ours)
 
 
 def test_levers_change_how_not_what(base):
@@ -176,16 +181,17 @@ def test_levers_change_how_not_what(base):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_matmul_params_count_what_every_token_passes_through(base):
+def test_matmul_params_count_what_every_token_and_the_last_token_need(base):
     lora = ft.prepare_variant(base, "lora-r8", ft.FULL_FINETUNE)
-    total, trainable = bench.matmul_params(lora)
-    d, layers = base.cfg.emb_dim, base.cfg.n_layers
-    frozen = layers * 12 * d * d  # q, k, v, out: 4 d²; the MLP: 8 d²
-    assert trainable == layers * 18 * 8 * d and total == frozen + trainable
-    full_total, full_trainable = bench.matmul_params(
-        ft.prepare_variant(base, "full", ft.FULL_FINETUNE)
-    )
-    assert full_total == full_trainable == frozen
+    every, every_trainable, last, last_trainable = bench.matmul_params(lora)
+    d, layers, r = base.cfg.emb_dim, base.cfg.n_layers, 8
+    # per block: q, k, v, out 4 d², the MLP 8 d²; adapters r(in + out): 18 r d
+    # the last block's q, out and MLP (10 d², adapters 14 r d) serve its last token alone
+    assert last == 10 * d * d + 14 * r * d and last_trainable == 14 * r * d
+    assert every_trainable == layers * 18 * r * d - 14 * r * d
+    assert every == layers * 12 * d * d - 10 * d * d + every_trainable
+    full = bench.matmul_params(ft.prepare_variant(base, "full", ft.FULL_FINETUNE))
+    assert full == (every - every_trainable, every - every_trainable, 10 * d * d, 10 * d * d)
     assert bench.matmul_gflops(16, CPU, tokens=16) > 0
 
 

@@ -88,6 +88,36 @@ def test_batched_logits_equal_one_message_at_a_time(base):
         torch.testing.assert_close(together[row : row + 1], alone, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["lora-r8", "full"])
+def test_last_block_at_one_position_gives_the_same_logits_and_gradients(base, variant):
+    """``last_token_logits`` runs the last block at the last real token only; reading every
+    position's output and picking that token must give the same logits and gradients."""
+    model = ft.prepare_variant(base, variant, ft.FULL_FINETUNE)
+    with torch.no_grad():  # make the LoRA updates non-zero
+        for name, p in model.named_parameters():
+            if name.endswith((".B", ".A")):
+                p.normal_(std=0.1)
+    input_ids, lengths, labels = pad_collate([([1, 2, 3, 4, 5, 6], 0), ([7, 8], 1), ([9], 0)])
+    rows = torch.arange(3)
+
+    def logits_and_grads(every_position: bool):
+        model.zero_grad(set_to_none=True)
+        if every_position:
+            logits = model.out_head(model.hidden_states(input_ids)[rows, lengths - 1])
+        else:
+            logits = ft.last_token_logits(model, input_ids, lengths)
+        torch.nn.functional.cross_entropy(logits, labels).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logits.detach(), grads
+
+    fast_logits, fast_grads = logits_and_grads(every_position=False)
+    slow_logits, slow_grads = logits_and_grads(every_position=True)
+    torch.testing.assert_close(fast_logits, slow_logits, rtol=0, atol=1e-5)
+    assert fast_grads.keys() == slow_grads.keys() and len(fast_grads) > 2
+    for name, grad in fast_grads.items():
+        torch.testing.assert_close(grad, slow_grads[name], rtol=0, atol=1e-5, msg=name)
+
+
 def test_new_head_is_untied_and_two_class(base):
     model = ft.add_classification_head(base)
     assert model.out_head.weight.shape == (2, 64)

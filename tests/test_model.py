@@ -16,6 +16,26 @@ def test_output_shapes(tiny_model):
     assert tiny_model.hidden_states(idx).shape == (3, 10, 64)
 
 
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_last_positions_only_equal_the_full_forward_there(tiny_model, use_sdpa):
+    for m in tiny_model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.use_sdpa = use_sdpa
+    torch.manual_seed(1)
+    idx, last = torch.randint(0, 1000, (3, 9)), torch.tensor([8, 0, 4])
+    rows = torch.arange(3)
+    with torch.no_grad():
+        full = tiny_model.hidden_states(idx)[rows, last]
+        block = tiny_model.trf_blocks[-1]
+        x = torch.randn(3, 9, 64)
+        expected_block = block(x)[rows, last]
+        got_block = block(x, last)
+    assert tiny_model.hidden_states(idx, last).shape == (3, 64)
+    torch.testing.assert_close(tiny_model.hidden_states(idx, last), full, rtol=0, atol=1e-5)
+    assert got_block.shape == (3, 1, 64)
+    torch.testing.assert_close(got_block[:, 0], expected_block, rtol=0, atol=1e-5)
+
+
 def test_too_long_input_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="context_length is 64"):
         tiny_model(torch.zeros(1, 65, dtype=torch.long))

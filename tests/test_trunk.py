@@ -38,17 +38,6 @@ def test_cut_points_of_the_variants(base):
     assert trunk.cut_point(ft.prepare_variant(dropout, "head", recipe)) is None
 
 
-def test_last_token_block_equals_the_full_block_at_the_last_token(base):
-    block = base.trf_blocks[-1]
-    torch.manual_seed(1)
-    x, lengths = torch.randn(3, 9, 64), torch.tensor([9, 1, 5])
-    x[1, 1:] = 0  # padding
-    with torch.no_grad():
-        expected = block(x)[torch.arange(3), lengths - 1]
-        got = trunk.last_token_block(block, x, lengths)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("variant", ["head", "last-block"])
 def test_cached_features_equal_the_full_forward(base, setting, variant):
     _, _, loaders = setting

@@ -1,0 +1,116 @@
+"""Where one training step's time goes: ``torch.profiler`` on ours-lora and ours-full.
+
+The step is ``finetune.finetune``'s (``classification_loss``, backward, clipping, fused AdamW)
+on the benchmark's batches (notebook 06's recipe, the pretrained base when it is there), timed
+phase by phase (forward, backward, optimizer) and then profiled: the operators with the most
+self time per step and the number of operators per step that do the work (those that call no
+other operator). ``python -m benchmarks.finetune_speed --profile`` runs it and rewrites the
+table in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lora_helpers import finetune as ft
+from lora_helpers.fast import adamw
+
+README = Path(__file__).resolve().parent / "README.md"
+START, END = "<!-- profile:start -->", "<!-- profile:end -->"
+PHASES = ("forward", "backward", "optimizer")
+
+
+def step_phases(model, params, optimizer, batch, device) -> dict[str, float]:
+    """One training step, each phase's wall time in seconds."""
+    marks = [time.perf_counter()]
+    optimizer.zero_grad(set_to_none=True)
+    loss = ft.classification_loss(model, batch, device)
+    marks.append(time.perf_counter())
+    loss.backward()
+    marks.append(time.perf_counter())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    marks.append(time.perf_counter())
+    return {phase: marks[i + 1] - marks[i] for i, phase in enumerate(PHASES)}
+
+
+def profile_variant(
+    model: torch.nn.Module,
+    batches: list,
+    device: torch.device,
+    lr: float,
+    warmup: int = 10,
+    timed: int = 50,
+    profiled: int = 20,
+) -> dict:
+    """Phase times (ms per step, mean over ``timed`` steps), then the operators of ``profiled``
+    steps: self time and calls per step, and the leaf operators per step."""
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, lr, ft.FULL_FINETUNE.weight_decay, device)
+    if len(batches) < warmup + max(timed, profiled):
+        raise ValueError(f"Need {warmup + max(timed, profiled)} batches, got {len(batches)}.")
+    for batch in batches[:warmup]:
+        step_phases(model, params, optimizer, batch, device)
+    totals = Counter()
+    for batch in batches[warmup : warmup + timed]:
+        totals.update(step_phases(model, params, optimizer, batch, device))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for batch in batches[warmup : warmup + profiled]:
+            step_phases(model, params, optimizer, batch, device)
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    leaves = [e for e in ops if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    by_name = {
+        e.key: (e.self_cpu_time_total / 1e3 / profiled, e.count / profiled)
+        for e in prof.key_averages()
+        if e.key.startswith("aten::")
+    }
+    return {
+        "ms": {phase: 1e3 * totals[phase] / timed for phase in PHASES},
+        "leaf_ops_per_step": len(leaves) / profiled,
+        "ops": by_name,  # name -> (self ms per step, calls per step)
+    }
+
+
+def format_profile(profiles: dict[str, dict], top: int = 8) -> str:
+    """Two markdown tables: the phases, then the operators with the most self time."""
+    names = list(profiles)
+    lines = [
+        "| per training step | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for phase in PHASES:
+        cells = [f"{p['ms'][phase]:.2f}" for p in profiles.values()]
+        lines.append(f"| {phase} (ms) | " + " | ".join(cells) + " |")
+    total = [f"**{sum(p['ms'].values()):.2f}**" for p in profiles.values()]
+    lines.append("| **total (ms)** | " + " | ".join(total) + " |")
+    leaves = [f"{p['leaf_ops_per_step']:,.0f}" for p in profiles.values()]
+    lines.append("| operators doing the work | " + " | ".join(leaves) + " |")
+    ranked = Counter()
+    for p in profiles.values():
+        for name, (ms, _) in p["ops"].items():
+            ranked[name] = max(ranked[name], ms)
+    lines += [
+        "",
+        "| operator: self ms per step (calls) | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for name, _ in ranked.most_common(top):
+        cells = []
+        for p in profiles.values():
+            ms, calls = p["ops"].get(name, (0.0, 0))
+            cells.append(f"{ms:.2f} ({calls:.0f})" if calls else "–")
+        lines.append(f"| `{name.removeprefix('aten::')}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(table: str, readme: Path = README) -> None:
+    """Put ``table`` between the profile markers of ``benchmarks/README.md``."""
+    text = readme.read_text()
+    start, end = text.index(START) + len(START), text.index(END)
+    readme.write_text(text[:start] + "\n" + table + "\n" + text[end:])
