@@ -156,6 +156,8 @@ def test_numbers_in_code_latex_links_and_comments_are_not_read():
         ("37 s, 120 ms, 12.3 min, 2 hours, 5 minutes", ["37", "120", "12.3", "2", "5"], "duration"),
         ("7,241,346 parameters, 50,257 tokens", ["7,241,346", "50,257"], "count"),
         ("a loss of 6.233, then 0.41", ["6.233", "0.41"], "decimal"),
+        ("logits within 9.5e-07, then 1.2e+03", ["9.5e-07", "1.2e+03"], "decimal"),
+        ("a learning rate of 1e-3 (a setting, not a measurement)", [], None),
         ("rank 16, GPT-2 124M, the 1590s, 2024, a 768 × 768 matrix, 0.5, 8x8", [], None),
     ],
 )

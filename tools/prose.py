@@ -39,7 +39,7 @@ if not __package__:  # run as ``python tools/prose.py``: make ``tools`` importab
 from tools.run_all import ROOT, WIDGET_STATE, WIDGET_VIEW, notebook_paths, progress_bar_text  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
-NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?"
+NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:e[-+]\d+)?"  # and 9.5e-07
 SPACES = " \u00a0\u202f\u2009"
 SPACE = rf"[{SPACES}]?"
 UNITS = {
@@ -133,7 +133,7 @@ def _kind(text: str, markdown: str, token: re.Match) -> tuple[str, int, str] | N
     number = token.group()
     if "," in number:
         return "count", rest, ""
-    if len(number.partition(".")[2]) >= 2:
+    if len(number.partition(".")[2]) >= 2 or ("." in number and "e" in number):  # 9.5e-07
         return "decimal", rest, ""
     return None
 
