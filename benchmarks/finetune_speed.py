@@ -100,7 +100,7 @@ RESULT_KEYS = (
 )
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
-README = ROOT / "README.md"
+README = ROOT / "benchmarks" / "README.md"
 TABLE_START, TABLE_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 RANK = ALPHA = lv.RANK
 
@@ -345,7 +345,7 @@ def format_table(rows: list[dict], matmul: float) -> str:
 
 
 def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
-    """The issue's targets for ours-lora: (target, met (None: not measured), measured)."""
+    """The speed targets for ours-lora: (target, met (None: not measured), measured)."""
     by = {r["variant"]: r for r in rows}
     ours = by.get("ours-lora")
     out = []
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def run(args: argparse.Namespace) -> dict:
     device = get_device()
-    # LoRA on the blocks only, where the seed layer and PEFT adapt too (notebook 06 also adapts
+    # LoRA on the blocks only, where naive-lora and PEFT adapt too (notebook 06 also adapts
     # the token embedding: a lookup, whose cost hardly counts next to the blocks').
     recipe = replace(ft.FULL_FINETUNE, epochs=args.epochs, lora_targets="blocks")
     base, base_note = base_model(args.preset, args.pretrain, recipe.seed)
@@ -541,8 +541,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def profile_steps(args: argparse.Namespace) -> dict:
-    """``benchmarks.step_profile`` on ours-lora, ours-full and notebook 06's LoRA (which also
-    adapts the token embedding), on the benchmark's first batches; rewrites its README table."""
+    """``benchmarks.step_profile`` on ours-lora, ours-full, peft-lora (when installed) and
+    notebook 06's LoRA (which also adapts the token embedding), on the benchmark's first
+    batches; rewrites its README table."""
     device = get_device()
     recipe = replace(ft.FULL_FINETUNE, lora_targets="blocks")
     base, base_note = base_model(args.preset, args.pretrain, recipe.seed)
@@ -555,16 +556,24 @@ def profile_steps(args: argparse.Namespace) -> dict:
         "ours-full": build_model("ours-full", base, recipe),
         "notebook 06's LoRA (+ embedding)": ft.prepare_variant(base, "lora-r16", ft.FULL_FINETUNE),
     }
-    profiles = {}
-    for name, model in models.items():
-        lr = recipe.learning_rate("full" if name == "ours-full" else "lora")
-        profiles[name] = step_profile.profile_variant(model, batches, device, lr)
-        print(f"  {name}: {sum(profiles[name]['ms'].values()):.2f} ms per step", flush=True)
+    if peft_available():
+        models["peft-lora"] = build_model("peft-lora", base, recipe)
+    setups = {
+        name: (
+            model,
+            recipe.learning_rate("full" if name == "ours-full" else "lora"),
+            peft_logits if name == "peft-lora" else ft.last_token_logits,
+        )
+        for name, model in models.items()
+    }
+    profiles = step_profile.profile_variants(setups, batches, device)
+    for name, profile in profiles.items():
+        print(f"  {name}: {sum(profile['ms'].values()):.2f} ms per step", flush=True)
     header = (
         f"{datetime.date.today().isoformat()} · {device_name(device)} · torch {torch.__version__} "
         f"· {torch.get_num_threads()} thread(s) · {args.preset} ({base_note.split(' (')[0]}), "
-        f"batch {recipe.batch_size}, LoRA r={RANK}; mean of 50 steps after 10, operators "
-        "from 20 profiled steps"
+        f"batch {recipe.batch_size}, LoRA r={RANK}; each phase the median of 50 steps after 10, "
+        "the variants' steps interleaved; operators from 20 profiled steps"
     )
     table = header + "\n\n" + step_profile.format_profile(profiles)
     print("\n" + table)
@@ -572,38 +581,36 @@ def profile_steps(args: argparse.Namespace) -> dict:
     return profiles
 
 
-def lever_study(base, context, device, recipe) -> list[dict]:
-    """ours-lora as it is, then with each lever flipped on its own (seed 123, the faster of two
-    runs each)."""
-    matmul = context["matmul_gflops"]
-
-    def one(label: str, levers: lv.Levers) -> dict:  # the faster of two runs (same seed)
-        runs = [measure(label, "ours-lora", levers, base, context, device, recipe)]
-        runs.append(measure(label, "ours-lora", levers, base, context, device, recipe))
-        return combine(label, runs, matmul)
-
-    ours = one("ours-lora", lv.OURS)  # measured like the levers: the faster of two runs
-    study = [ours]
-    for label, levers in lv.lever_study_levers(device).items():
-        try:
-            study.append(one(label, levers))
-        except Exception as err:  # torch.compile needs a working compiler toolchain
-            print(f"  {label}: failed ({type(err).__name__}: {str(err)[:200]})")
+def lever_study(base, context, device, recipe, rounds: int = 2) -> list[dict]:
+    """ours-lora as it is, then with each lever flipped on its own (seed 123): every run once
+    per round in turn, each row the fastest of its ``rounds`` runs (as the seeds above)."""
     threads = torch.get_num_threads()
+    flipped = {"ours-lora": lv.OURS, **lv.lever_study_levers(device)}
+    study = {label: (levers, threads) for label, levers in flipped.items()}
     if device.type == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-        try:
-            study.append(one(f"with 1 thread, not {threads}", lv.OURS))
-        finally:
-            torch.set_num_threads(threads)
+        study[f"with 1 thread, not {threads}"] = (lv.OURS, 1)
+    runs: dict[str, list[dict]] = {label: [] for label in study}
+    for _ in range(rounds):
+        for label, (levers, n_threads) in study.items():
+            torch.set_num_threads(n_threads)
+            try:
+                runs[label].append(
+                    measure(label, "ours-lora", levers, base, context, device, recipe)
+                )
+            except Exception as err:  # torch.compile needs a working compiler toolchain
+                print(f"  {label}: failed ({type(err).__name__}: {str(err)[:200]})")
+            finally:
+                torch.set_num_threads(threads)
+    rows = [combine(label, r, context["matmul_gflops"]) for label, r in runs.items() if r]
+    ours = rows[0]
     print("\nWhat each lever is worth (ours-lora; x ours: its seconds over ours'):")
-    for row in study:
+    for row in rows:
         slower = row["seconds"] / ours["seconds"]
         print(
             f"  {row['variant']:28s} {row['seconds']:8.2f} s {slower:6.2f}x ours, "
             f"unseen test accuracy {row['unseen_test_acc']:.2f} %"
         )
-    return study
+    return rows
 
 
 if __name__ == "__main__":

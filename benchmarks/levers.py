@@ -81,7 +81,7 @@ def lever_study_levers(device: torch.device) -> dict[str, Levers]:
     return study
 
 
-# --- the seed's LoRA layer, exactly as notebook 05 first shows it ----------------------------
+# --- notebook 05's first LoRA layer, exactly as it shows it ----------------------------------
 
 
 class LoRALayer(torch.nn.Module):
@@ -115,7 +115,7 @@ def replace_linear_with_lora(model, rank, alpha):
 
 
 def naive_lora_model(base: GPTModel, seed: int) -> GPTModel:
-    """The seed's layer on every linear layer of the blocks; the new head trains too."""
+    """Notebook 05's first layer on every linear layer of the blocks; the new head trains too."""
     torch.manual_seed(seed)  # the same head as prepare_variant gives ours
     model = ft.add_classification_head(copy.deepcopy(base))
     model.requires_grad_(False)

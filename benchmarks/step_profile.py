@@ -1,15 +1,17 @@
-"""Where one training step's time goes: ``torch.profiler`` on ours-lora and ours-full.
+"""Where one training step's time goes: ``torch.profiler`` on ours-lora, ours-full and PEFT.
 
 The step is ``finetune.finetune``'s (``classification_loss``, backward, clipping, fused AdamW)
 on the benchmark's batches (notebook 06's recipe, the pretrained base when it is there), timed
-phase by phase (forward, backward, optimizer) and then profiled: the operators with the most
-self time per step and the number of operators per step that do the work (those that call no
-other operator). ``python -m benchmarks.finetune_speed --profile`` runs it and rewrites the
-table in ``benchmarks/README.md``.
+phase by phase (forward, backward, optimizer; the variants' steps interleaved) and then
+profiled: the operators with the most self time per step and the number of operators per step
+that do the work (those that call no other operator).
+``python -m benchmarks.finetune_speed --profile`` runs it and rewrites the table in
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,11 +27,11 @@ START, END = "<!-- profile:start -->", "<!-- profile:end -->"
 PHASES = ("forward", "backward", "optimizer")
 
 
-def step_phases(model, params, optimizer, batch, device) -> dict[str, float]:
+def step_phases(model, params, optimizer, batch, device, logits_fn) -> dict[str, float]:
     """One training step, each phase's wall time in seconds."""
     marks = [time.perf_counter()]
     optimizer.zero_grad(set_to_none=True)
-    loss = ft.classification_loss(model, batch, device)
+    loss = ft.classification_loss(model, batch, device, logits_fn)
     marks.append(time.perf_counter())
     loss.backward()
     marks.append(time.perf_counter())
@@ -39,42 +41,49 @@ def step_phases(model, params, optimizer, batch, device) -> dict[str, float]:
     return {phase: marks[i + 1] - marks[i] for i, phase in enumerate(PHASES)}
 
 
-def profile_variant(
-    model: torch.nn.Module,
+def profile_variants(
+    setups: dict[str, tuple[torch.nn.Module, float, ft.LogitsFn]],
     batches: list,
     device: torch.device,
-    lr: float,
     warmup: int = 10,
     timed: int = 50,
     profiled: int = 20,
-) -> dict:
-    """Phase times (ms per step, mean over ``timed`` steps), then the operators of ``profiled``
-    steps: self time and calls per step, and the leaf operators per step."""
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = adamw(params, lr, ft.FULL_FINETUNE.weight_decay, device)
+) -> dict[str, dict]:
+    """For each ``name: (model, lr, logits_fn)``: the median time of each phase over ``timed``
+    steps, run interleaved (step i of every variant in turn, so that a slow spell of a shared
+    machine slows them all alike), then the operators of ``profiled`` steps: self time and
+    calls per step, and the operators per step that do the work (that call no other)."""
     if len(batches) < warmup + max(timed, profiled):
         raise ValueError(f"Need {warmup + max(timed, profiled)} batches, got {len(batches)}.")
-    for batch in batches[:warmup]:
-        step_phases(model, params, optimizer, batch, device)
-    totals = Counter()
+    steps = {}
+    for name, (model, lr, logits_fn) in setups.items():
+        model.to(device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = adamw(params, lr, ft.FULL_FINETUNE.weight_decay, device)
+        steps[name] = (model, params, optimizer, logits_fn)
+        for batch in batches[:warmup]:
+            step_phases(*steps[name][:3], batch, device, logits_fn)
+    times: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
     for batch in batches[warmup : warmup + timed]:
-        totals.update(step_phases(model, params, optimizer, batch, device))
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for batch in batches[warmup : warmup + profiled]:
-            step_phases(model, params, optimizer, batch, device)
-    ops = [e for e in prof.events() if e.name.startswith("aten::")]
-    leaves = [e for e in ops if not any(c.name.startswith("aten::") for c in e.cpu_children)]
-    by_name = {
-        e.key: (e.self_cpu_time_total / 1e3 / profiled, e.count / profiled)
-        for e in prof.key_averages()
-        if e.key.startswith("aten::")
-    }
-    return {
-        "ms": {phase: 1e3 * totals[phase] / timed for phase in PHASES},
-        "leaf_ops_per_step": len(leaves) / profiled,
-        "ops": by_name,  # name -> (self ms per step, calls per step)
-    }
+        for name, (model, params, optimizer, logits_fn) in steps.items():
+            times[name].append(step_phases(model, params, optimizer, batch, device, logits_fn))
+    profiles = {}
+    for name, (model, params, optimizer, logits_fn) in steps.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in batches[warmup : warmup + profiled]:
+                step_phases(model, params, optimizer, batch, device, logits_fn)
+        ops = [e for e in prof.events() if e.name.startswith("aten::")]
+        leaves = [e for e in ops if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+        profiles[name] = {
+            "ms": {ph: 1e3 * statistics.median(t[ph] for t in times[name]) for ph in PHASES},
+            "leaf_ops_per_step": len(leaves) / profiled,
+            "ops": {  # name -> (self ms per step, calls per step)
+                e.key: (e.self_cpu_time_total / 1e3 / profiled, e.count / profiled)
+                for e in prof.key_averages()
+                if e.key.startswith("aten::")
+            },
+        }
+    return profiles
 
 
 def format_profile(profiles: dict[str, dict], top: int = 8) -> str:
@@ -88,7 +97,7 @@ def format_profile(profiles: dict[str, dict], top: int = 8) -> str:
         cells = [f"{p['ms'][phase]:.2f}" for p in profiles.values()]
         lines.append(f"| {phase} (ms) | " + " | ".join(cells) + " |")
     total = [f"**{sum(p['ms'].values()):.2f}**" for p in profiles.values()]
-    lines.append("| **total (ms)** | " + " | ".join(total) + " |")
+    lines.append("| **sum (ms)** | " + " | ".join(total) + " |")
     leaves = [f"{p['leaf_ops_per_step']:,.0f}" for p in profiles.values()]
     lines.append("| operators doing the work | " + " | ".join(leaves) + " |")
     ranked = Counter()

@@ -59,8 +59,8 @@ def as_rank(rank: SupportsIndex) -> int:
 
 
 def warn_if_rank_exceeds(in_dim: int, out_dim: int, rank: int) -> None:
-    """Warn when ``rank`` exceeds min(in, out): legal (the seed's recipe does it for its 2-class
-    head), but the extra rank adds parameters without compressing anything."""
+    """Warn when ``rank`` exceeds min(in, out): legal (appendix E of *LLMs from scratch* does it
+    for its 2-class head), but the extra rank adds parameters without compressing anything."""
     max_rank = min(in_dim, out_dim)
     if rank > max_rank:
         warnings.warn(
@@ -351,7 +351,8 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
 
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
-    """The seed's recipe: wrap every ``nn.Linear`` of ``model``, recursively, in place."""
+    """Appendix E's recipe in *LLMs from scratch*: wrap every ``nn.Linear`` of ``model``,
+    recursively, in place."""
     for name, module in model.named_children():
         if isinstance(module, nn.Linear):
             setattr(model, name, LinearWithLoRA(module, rank, alpha))

@@ -132,7 +132,7 @@ def train(
     (``mark_finished``). ``eval_metrics(model)``, if given, is called at each evaluation too
     (e.g. to measure accuracy) and its results go to ``history.metrics``; it must not iterate
     ``train_loader``, whose shuffle would then change the later epochs' batches (use a loader
-    of the same data that does not shuffle, as ``finetune.in_order``).
+    of the same data that does not shuffle, as ``finetune.by_length``).
 
     On a CUDA GPU with ``cuda_graphs``, each step's forward and backward pass is captured once
     per batch shape and replayed (``GraphedStep``): the same math, without the GPU waiting for

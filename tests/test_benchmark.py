@@ -222,3 +222,31 @@ def test_bf16_frozen_base_computes_what_autocast_computes(lora_model):
         lv.cast_frozen_base(model)
         after = ft.last_token_logits(model, input_ids, lengths)
     torch.testing.assert_close(after, before)
+
+
+def test_step_profile_times_each_phase_and_counts_the_operators(base, tmp_path):
+    from benchmarks import step_profile
+
+    split = toy_split()
+    loaders = message_loaders(split, WordTokenizer(), 8, 32, pad_multiple=1)
+    batches = list(loaders["train"])
+    setups = {
+        variant: (ft.prepare_variant(base, variant, ft.FULL_FINETUNE), 1e-3, ft.last_token_logits)
+        for variant in ("lora-r8", "full")
+    }
+    profiles = step_profile.profile_variants(setups, batches, CPU, warmup=1, timed=2, profiled=2)
+    assert list(profiles) == ["lora-r8", "full"]
+    for profile in profiles.values():
+        assert set(profile["ms"]) == set(step_profile.PHASES)
+        assert all(ms > 0 for ms in profile["ms"].values())
+        assert profile["leaf_ops_per_step"] > 10 and "aten::mm" in profile["ops"]
+    # LoRA's adapters add matrix products: more mm calls per step than full fine-tuning
+    assert profiles["lora-r8"]["ops"]["aten::mm"][1] > profiles["full"]["ops"]["aten::mm"][1]
+    with pytest.raises(ValueError, match="Need 13 batches"):
+        step_profile.profile_variants(setups, batches[:5], CPU, warmup=3, timed=10, profiled=4)
+    table = step_profile.format_profile(profiles, top=3)
+    assert "| per training step | lora-r8 | full |" in table and "| `mm` |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{step_profile.START}\nold\n{step_profile.END}\nrest\n")
+    step_profile.update_readme(table, readme)
+    assert readme.read_text() == f"intro\n{step_profile.START}\n{table}\n{step_profile.END}\nrest\n"

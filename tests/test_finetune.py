@@ -209,6 +209,23 @@ def test_runs_on_the_same_loaders_see_the_same_batches(base):
         assert torch.equal(a, b), name
 
 
+def test_by_length_reads_every_message_once_sorted_without_touching_the_shuffle():
+    split = ft.shrink_split(sms_spam_split(), 100)
+    loaders = message_loaders(split, get_tokenizer(), 8, 128)
+    sampler = loaders["train"].batch_sampler
+    state = sampler.generator.get_state()
+    evaluation = ft.by_length(loaders["train"], batch_size=32)
+    batches = list(evaluation.batch_sampler)
+    assert [len(b) for b in batches] == [32, 32, 32, 4]
+    order = [i for batch in batches for i in batch]
+    assert sorted(order) == list(range(100))  # every message once
+    lengths = [len(loaders["train"].dataset.ids[i]) for i in order]
+    assert lengths == sorted(lengths)
+    padded = sum(ids.numel() for ids, _, _ in evaluation)
+    assert padded < sum(ids.numel() for ids, _, _ in ft.in_order(loaders["train"], 32))
+    assert torch.equal(sampler.generator.get_state(), state)
+
+
 @pytest.mark.parametrize("variant", ["lora-r8", "head"])  # "head" trains on the cached trunk
 def test_measuring_accuracies_leaves_the_training_batches_as_they_were(base, variant):
     """The training accuracy reads the training messages in a fixed order: a pass through the
