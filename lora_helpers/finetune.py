@@ -190,6 +190,8 @@ def by_length(loader: DataLoader, batch_size: int = EVAL_BATCH_SIZE) -> DataLoad
     """A loader of ``loader``'s messages sorted by length, in batches of ``batch_size``: for a
     loss or an accuracy over all of them, which the order does not change, with the least
     padding and few batches. Draws nothing from the training shuffle's generator."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     lengths = [len(ids) for ids in loader.dataset.ids]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

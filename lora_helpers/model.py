@@ -110,7 +110,7 @@ class MultiHeadAttention(nn.Module):
             scores = scores.masked_fill(future, float("-inf"))
             weights = self.dropout(torch.softmax(scores, dim=-1))
             context = weights @ v
-        context = context.transpose(1, 2).reshape(b, rows.shape[1], -1)
+        context = context.transpose(1, 2).reshape(b, rows.shape[1], self.num_heads * self.head_dim)
         return self.out_proj(context)
 
 
@@ -198,6 +198,8 @@ class GPTModel(nn.Module):
                 f"Input has {n_tokens} tokens but the model's context_length is "
                 f"{self.cfg.context_length}; crop the input (e.g. idx[:, -context_length:])."
             )
+        if last is not None:
+            check_last_positions(last, in_idx.shape[0], n_tokens)
         positions = torch.arange(n_tokens, device=in_idx.device)
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(positions))
         if last is None:
@@ -210,6 +212,21 @@ class GPTModel(nn.Module):
     def forward(self, in_idx: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary for every position, (batch, n_tokens, vocab_size)."""
         return self.out_head(self.hidden_states(in_idx))
+
+
+def check_last_positions(last: torch.Tensor, batch: int, n_tokens: int) -> None:
+    """Refuse ``last`` unless it is one integer position per row, each in [0, n_tokens) (the
+    values are checked on a CPU, where that costs no wait for a GPU)."""
+    if last.shape != (batch,) or last.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"last must hold one integer position per row, shape ({batch},), got shape "
+            f"{tuple(last.shape)} of {last.dtype}: pass e.g. lengths - 1."
+        )
+    if last.device.type == "cpu" and ((last < 0) | (last >= n_tokens)).any():
+        raise ValueError(
+            f"last must hold positions in [0, {n_tokens}) (the input has {n_tokens} tokens), "
+            f"got {last.tolist()}: pass each row's last real position, lengths - 1."
+        )
 
 
 @torch.no_grad()

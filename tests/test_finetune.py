@@ -224,6 +224,9 @@ def test_by_length_reads_every_message_once_sorted_without_touching_the_shuffle(
     padded = sum(ids.numel() for ids, _, _ in evaluation)
     assert padded < sum(ids.numel() for ids, _, _ in ft.in_order(loaders["train"], 32))
     assert torch.equal(sampler.generator.get_state(), state)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            ft.by_length(loaders["train"], batch_size=bad)
 
 
 @pytest.mark.parametrize("variant", ["lora-r8", "head"])  # "head" trains on the cached trunk

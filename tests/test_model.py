@@ -36,6 +36,25 @@ def test_last_positions_only_equal_the_full_forward_there(tiny_model, use_sdpa):
     torch.testing.assert_close(got_block[:, 0], expected_block, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("last", "message"),
+    [
+        (torch.tensor([9, 0, 4]), r"positions in \[0, 9\)"),
+        (torch.tensor([-1, 0, 4]), r"positions in \[0, 9\)"),
+        (torch.tensor([1, 2]), r"shape \(3,\)"),
+        (torch.tensor([1.0, 2.0, 3.0]), "integer position"),
+    ],
+)
+def test_bad_last_positions_are_refused(tiny_model, last, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.hidden_states(torch.randint(0, 1000, (3, 9)), last)
+
+
+def test_last_positions_of_an_empty_batch_give_an_empty_result(tiny_model):
+    empty = torch.zeros(0, 9, dtype=torch.long)
+    assert tiny_model.hidden_states(empty, torch.zeros(0, dtype=torch.long)).shape == (0, 64)
+
+
 def test_too_long_input_is_an_error(tiny_model):
     with pytest.raises(ValueError, match="context_length is 64"):
         tiny_model(torch.zeros(1, 65, dtype=torch.long))
