@@ -1,6 +1,6 @@
-"""Rows 1-32 of README's table "Bad inputs and what you see" are tests here (later rows name
-their tests, in the test file of their module): a wrong input is refused with a message that
-names what is wrong and what to do, and changes nothing."""
+"""Rows 1-32 of the table "Bad inputs and what you see" (tests/README.md) are tests here (later
+rows name their tests, in the test file of their module): a wrong input is refused with a
+message that names what is wrong and what to do, and changes nothing."""
 
 import dataclasses
 import inspect
@@ -478,12 +478,12 @@ def test_lora_on_the_embedding_refuses_other_inits_and_dropout(kwargs, shown):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-# --- the README's table ----------------------------------------------------------------------
+# --- the table in tests/README.md -------------------------------------------------------------
 
 
-def test_the_readme_table_counts_its_rows_and_names_tests_that_exist():
+def test_the_bad_inputs_table_counts_its_rows_and_names_tests_that_exist():
     root = Path(__file__).parents[1]
-    section = (root / "README.md").read_text().split("## Bad inputs and what you see")[1]
+    section = (root / "tests" / "README.md").read_text().split("## Bad inputs and what you see")[1]
     section = section.split("\n## ")[0]
     rows = re.findall(r"^\| (\d+) \|", section, flags=re.M)
     assert rows == [str(i) for i in range(1, len(rows) + 1)]
