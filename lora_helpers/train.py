@@ -146,7 +146,8 @@ def train(
     data position, history) is saved there atomically every ``save_every`` steps (default:
     ``eval_every``); a run started again with the same arguments continues from it to the
     same final weights, and the file is deleted once the run completes. Exact for a train
-    loader that is not shuffled or shuffles with its own ``generator`` (as ours do).
+    loader that is not shuffled or draws its shuffle from a ``generator`` of its own or of its
+    batch sampler (the language-model and message loaders do).
 
     Under ``torchrun``, pass the model wrapped in DistributedDataParallel and each rank's shard
     of the batches (``lora_helpers.distributed``): rank 0 alone evaluates, calls
@@ -242,7 +243,12 @@ class Batches:
 
     def __init__(self, loader: Iterable):
         self.loader = loader
-        self.generator: torch.Generator | None = getattr(loader, "generator", None)
+        # The generator the shuffle draws from: the loader's own, or its batch sampler's (the
+        # message loaders shuffle in data.LengthBucketSampler).
+        sampler = getattr(loader, "batch_sampler", None)
+        self.generator: torch.Generator | None = getattr(loader, "generator", None) or getattr(
+            sampler, "generator", None
+        )
         self.epoch_start: torch.Tensor | None = None
         self.in_epoch = 0
         self.iterator = None

@@ -247,3 +247,39 @@ def test_measuring_accuracies_leaves_the_training_batches_as_they_were(base, var
     assert h_measured.train_loss == h_plain.train_loss
     for (name, a), b in zip(plain.named_parameters(), measured.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_killed_fine_tuning_run_resumes_to_the_same_weights(base, tmp_path, monkeypatch):
+    """Killed in its second epoch, after a resume file was written: started again, the run
+    ends with exactly the weights of a run never interrupted (the shuffle of the epoch it was
+    killed in, drawn by the batch sampler's generator, is restored)."""
+    from lora_helpers import train as train_module
+
+    recipe = ft.FinetuneRecipe(epochs=2, max_messages=48)  # 6 steps per epoch
+    split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
+
+    def run(resume):
+        loaders = message_loaders(split, get_tokenizer(), 8, base.cfg.context_length)
+        model = ft.prepare_variant(base, "lora-r8", recipe)
+        ft.finetune(model, loaders, torch.device("cpu"), recipe, 1e-2, resume_path=resume,
+                    save_every=2, progress=False)  # fmt: skip
+        return model
+
+    expected = run(None).state_dict()
+    step, calls = train_module.optimizer_step, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:  # step 10: the resume file of step 8 holds 2 batches of epoch 2
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    resume = tmp_path / "run.resume.pt"
+    monkeypatch.setattr(train_module, "optimizer_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(resume)
+    monkeypatch.setattr(train_module, "optimizer_step", step)
+    assert resume.exists()
+    state = run(resume).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    assert not resume.exists()  # deleted once the run completed
