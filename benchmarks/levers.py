@@ -31,7 +31,7 @@ from lora_helpers import finetune as ft
 from lora_helpers.data import LengthBucketSampler
 from lora_helpers.device import capabilities
 from lora_helpers.lora import lora_layers
-from lora_helpers.model import GPTModel, MultiHeadAttention
+from lora_helpers.model import GPTModel, MultiHeadAttention, at_positions
 from lora_helpers.train import History
 
 RANK = ALPHA = 16
@@ -133,7 +133,7 @@ def all_positions_logits(
     """The naive head: class logits at every position, then the last real token's row."""
     logits = model(input_ids)
     positions = lengths.to(logits.device) - 1
-    return logits[torch.arange(len(lengths), device=logits.device), positions]
+    return at_positions(logits, positions)
 
 
 def every_position_logits(
@@ -143,7 +143,7 @@ def every_position_logits(
     (the last block computed at every position)."""
     hidden = model.hidden_states(input_ids)
     positions = lengths.to(hidden.device) - 1
-    return model.out_head(hidden[torch.arange(len(lengths), device=hidden.device), positions])
+    return model.out_head(at_positions(hidden, positions))
 
 
 def logits_fn(levers: Levers) -> ft.LogitsFn:

@@ -43,6 +43,7 @@ from .finetune import (
     shrink_split,
     trainable_state_dict,
 )
+from .model import at_positions
 from .params import count_parameters
 from .pretrain import load_base_model
 from .tokenizer import get_tokenizer
@@ -131,7 +132,7 @@ def ddp_classification_loss(
     each message's last real token is read, which gives the same logits."""
     input_ids, lengths, labels = (t.to(device, non_blocking=True) for t in batch)
     logits = model(input_ids)
-    last = logits[torch.arange(len(lengths), device=logits.device), lengths - 1]
+    last = at_positions(logits, lengths - 1)
     return F.cross_entropy(last.float(), labels)
 
 

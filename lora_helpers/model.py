@@ -56,6 +56,12 @@ def gpt_config(name: str, **overrides) -> GPTConfig:
     return replace(PRESETS[name], **overrides)
 
 
+def at_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Each row's entry at its own position, ``x[i, positions[i]]``: (batch, n, ...) -> (batch,
+    ...). A classifier reads each message's last real token this way."""
+    return x[torch.arange(len(positions), device=x.device), positions]
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with separate query, key and value projections."""
 
@@ -92,7 +98,7 @@ class MultiHeadAttention(nn.Module):
         that position's alone, (b, 1, d_out): its query attends to every position up to it,
         which is all a classifier reading one token needs."""
         b, n_tokens, _ = x.shape
-        rows = x if last is None else x[torch.arange(b, device=x.device), last].unsqueeze(1)
+        rows = x if last is None else at_positions(x, last).unsqueeze(1)
         q = self.heads(self.W_query(rows))
         k, v = self.heads(self.W_key(x)), self.heads(self.W_value(x))
         if last is None:
@@ -155,7 +161,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """(b, n_tokens, emb_dim), or with ``last`` only those positions' rows, (b, 1, emb_dim)."""
-        shortcut = x if last is None else x[torch.arange(len(x), device=x.device), last, None]
+        shortcut = x if last is None else at_positions(x, last).unsqueeze(1)
         x = shortcut + self.drop_shortcut(self.att(self.norm1(x), last))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x

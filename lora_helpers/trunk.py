@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import PAD_ID, MessageDataset
 from .fast import autocast_for
-from .model import GPTModel
+from .model import GPTModel, at_positions
 
 HEAD_ONLY = -1  # the cut point when only the head trains: cache the final-norm output
 
@@ -146,7 +146,7 @@ def top_logits(
     if cut < len(blocks):
         features = blocks[-1](blocks[cut:-1](features), lengths - 1).squeeze(1)
     else:  # only the final norm and the head train
-        features = features[torch.arange(len(lengths), device=device), lengths - 1]
+        features = at_positions(features, lengths - 1)
     return model.out_head(model.final_norm(features))
 
 
