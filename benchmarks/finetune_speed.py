@@ -1,7 +1,9 @@
 """How fast does notebook 06's spam classifier fine-tune? Naive LoRA, ours (LoRA and full), PEFT.
 
 One process, the same base, the same batches (one loader, sampler and seed), the same epochs,
-every run through the notebooks' own loop (``finetune.finetune`` → ``train.train``):
+every run through the notebooks' own loop, ``train.train``, as ``finetune.finetune`` calls it
+(without its per-epoch accuracies), or, where bf16 autocast or CUDA graphs are off, through the
+benchmark's copy of its steps (``benchmarks.levers.own_loop``; the library has no such switch):
 
 1. ``naive-lora``: the LoRA layer exactly as notebook 05 first shows it (``alpha * (x @ A @ B)``)
    on every linear layer of the blocks, with every speed-up switched off
@@ -13,7 +15,7 @@ every run through the notebooks' own loop (``finetune.finetune`` → ``train.tra
 3. ``ours-full``: every weight, the same way;
 4. ``peft-lora``: Hugging Face PEFT LoRA (rank 16, alpha 16) on ``transformers``'
    GPT2ForSequenceClassification holding the same base weights (``peft_format.to_transformers``)
-   and our head's initial weights, trained by ``finetune.finetune`` with a loss that calls it
+   and our head's initial weights, trained with a loss that calls it
    (fused AdamW, bf16 autocast on a CUDA GPU, no CUDA graphs). Like for like: PEFT targets every
    linear layer of the blocks too, ``c_attn``, ``attn.c_proj``, ``c_fc`` and ``mlp.c_proj``,
    but GPT-2 fuses q/k/v into one ``c_attn`` (d → 3d), whose adapter has r·(d + 3d) parameters
@@ -62,12 +64,8 @@ import argparse
 import datetime
 import gc
 import json
-import re
 import statistics
-import time
-import warnings
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,11 +73,20 @@ import torch.nn.functional as F
 
 from benchmarks import levers as lv
 from benchmarks import step_profile
+from benchmarks.flops import matmul_gflops, matmul_params
+from benchmarks.peft_baseline import peft_available, peft_logits, peft_lora_model
+from benchmarks.report import (
+    RESULTS_DIR,
+    device_name,
+    format_table,
+    format_targets,
+    slug,
+    update_readme,
+)
 from lora_helpers import finetune as ft
 from lora_helpers.data import message_loaders, sms_spam_split
-from lora_helpers.device import PeakMemory, capabilities, get_device
+from lora_helpers.device import PeakMemory, get_device
 from lora_helpers.fast import adamw
-from lora_helpers.lora import EmbeddingWithLoRA
 from lora_helpers.model import PRESETS, GPTModel, gpt_config
 from lora_helpers.params import count_parameters
 from lora_helpers.pretrain import FULL_RECIPE, base_checkpoint_path, load_base_model
@@ -98,109 +105,10 @@ RESULT_KEYS = (
     "pct_of_matmul",
     "seconds_per_run",
 )
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-README = ROOT / "benchmarks" / "README.md"
-TABLE_START, TABLE_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 RANK = ALPHA = lv.RANK
 
 
-# --- PEFT ------------------------------------------------------------------------------------
-
-
-def peft_available() -> bool:
-    try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def peft_lora_model(base: GPTModel, head: torch.nn.Linear) -> torch.nn.Module:
-    """transformers' GPT-2 classifier holding ``base``'s weights and ``head``'s initial weight,
-    with PEFT LoRA on every linear layer of the blocks."""
-    from peft import LoraConfig, get_peft_model
-
-    from lora_helpers.peft_format import to_transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    hf_model = to_transformers(base, num_labels=2)
-    with torch.no_grad():
-        hf_model.score.weight.copy_(head.weight)
-    lora = LoraConfig(
-        r=RANK,
-        lora_alpha=ALPHA,
-        target_modules=["c_attn", "c_proj", "c_fc"],  # c_proj: attn.c_proj and mlp.c_proj
-        lora_dropout=0.0,
-        fan_in_fan_out=True,  # GPT-2's Conv1D layers store their weights transposed
-        modules_to_save=["score"],
-        task_type="SEQ_CLS",
-    )
-    return get_peft_model(hf_model, lora)
-
-
-def peft_logits(model: torch.nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor):
-    """transformers pools at the last token that is not ``pad_token_id``; it gets the mask too."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    attention_mask = (positions < lengths.to(input_ids.device)[:, None]).long()
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-
 # --- measuring -------------------------------------------------------------------------------
-
-
-def matmul_params(model: torch.nn.Module) -> tuple[int, int, int, int]:
-    """Weights of the matrix products a message's tokens pass through (2-D parameters outside
-    embeddings and the classification head, ``out_head`` or ``score``): (all, trainable) that
-    every token needs, then (all, trainable) that only the last token needs, because the head
-    reads it alone: the last block's query, output projection and feed-forward (with their
-    adapters; of GPT-2's fused ``c_attn`` the query's third)."""
-    tokens, tokens_trainable, last, last_trainable = 0, 0, 0, 0
-    lookup = (torch.nn.Embedding, EmbeddingWithLoRA)  # lookups (LoRA on them too): no products
-    lookups = [n for n, m in model.named_modules() if isinstance(m, lookup)]
-    blocks = [n for n, m in model.named_modules() if re.fullmatch(r".*(trf_blocks|\.h)\.\d+", n)]
-    last_block = f"{blocks[-1]}."
-    for name, p in model.named_parameters():
-        in_lookup = any(name.startswith(f"{n}.") for n in lookups)
-        if p.dim() != 2 or in_lookup or set(name.split(".")) & {"out_head", "score"}:
-            continue
-        share = 0.0  # of this weight, the part only the last token needs
-        if name.startswith(last_block):
-            inner = name.removeprefix(last_block)
-            if inner.startswith(("att.W_query", "att.out_proj", "ff.", "attn.c_proj", "mlp.")):
-                share = 1.0
-            elif inner.startswith("attn.c_attn") and not inner.endswith("lora_A.default.weight"):
-                share = 1 / 3  # q of q|k|v (the adapter's A reads the input every token needs)
-        n_last = round(share * p.numel())
-        tokens += p.numel() - n_last
-        last += n_last
-        if p.requires_grad:
-            tokens_trainable += p.numel() - n_last
-            last_trainable += n_last
-    return tokens, tokens_trainable, last, last_trainable
-
-
-def matmul_gflops(emb_dim: int, device: torch.device, tokens: int = 512) -> float:
-    """The best throughput, in GFLOP/s, of the model's own matrix products (tokens × d by
-    d × d, d × 4d and 4d × d), in the dtype the fast path computes in."""
-    dtype = torch.bfloat16 if capabilities(device).bf16_autocast else torch.float32
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = 0.0
-    for k, n in ((emb_dim, emb_dim), (emb_dim, 4 * emb_dim), (4 * emb_dim, emb_dim)):
-        a = torch.randn(tokens, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        flops = 2 * tokens * k * n
-        repeats = max(1, int(2e8 // flops))  # about 0.2 GFLOP a timing
-        a @ b
-        for _ in range(5):
-            sync()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                a @ b
-            sync()
-            best = max(best, repeats * flops / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def warm_up(device: torch.device) -> None:
@@ -238,18 +146,18 @@ def measure(
     recipe's); its time, useful work, peak memory and unseen test accuracy."""
     loaders = lv.loaders_for(context["loaders"], levers, context["longest"], recipe.seed)
     lr = recipe.learning_rate("full" if variant == "ours-full" else "lora")
+    logits = peft_logits if variant == "peft-lora" else lv.logits_fn(levers)
     gc.collect()
     with PeakMemory(device) as peak:
         model = build_model(variant, base, recipe).to(device)
-        if variant == "peft-lora":
-            history = ft.finetune(
-                model, loaders, device, recipe, lr, accuracies=False, cuda_graphs=False,
-                loss_fn=partial(ft.classification_loss, logits_fn=peft_logits), progress=False,
-            )  # fmt: skip
+        if variant == "peft-lora":  # fused AdamW, bf16 autocast where it pays, no CUDA graphs
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = adamw(params, lr, recipe.weight_decay, device)
+            loss_fn = lv.loss_with(peft_logits)
+            history = lv.fit(model, loaders, device, recipe, optimizer, loss_fn, graphs=False)
         else:
             history = lv.finetune_with(model, loaders, device, recipe, lr, levers)
-    logits_fn = peft_logits if variant == "peft-lora" else lv.logits_fn(levers)
-    _, unseen_acc = ft.accuracy_on_test(model, loaders, context["split"], device, logits_fn)
+    unseen_acc = lv.unseen_accuracy(model, loaders["test"], context["split"], device, logits)
     examples = recipe.epochs * len(loaders["train"]) * recipe.batch_size
     every, every_trainable, last, last_trainable = matmul_params(model)
     flops = examples * context["mean_length"] * (4 * every + 2 * every_trainable)
@@ -307,140 +215,6 @@ def base_model(preset: str, pretrain: bool, seed: int) -> tuple[GPTModel, str]:
     return GPTModel(gpt_config(preset, drop_rate=0.0)).eval(), note
 
 
-# --- reporting -------------------------------------------------------------------------------
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def slug(name: str) -> str:
-    """A file name from a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def accuracy_text(row: dict) -> str:
-    """The mean unseen test accuracy, with its range over the seeds when they differ."""
-    low, high = row["unseen_test_acc_range"]
-    spread = f" ({low:.1f}–{high:.1f})" if low < high else ""
-    return f"{row['unseen_test_acc']:.1f}{spread}"
-
-
-def format_table(rows: list[dict], matmul: float) -> str:
-    head = (
-        f"{'variant':28s} {'seconds':>8s} {'examples/s':>11s} {'peak MiB':>9s} "
-        f"{'trainable':>11s} {'unseen acc %':>18s} {'GFLOP/s':>8s} {'% matmul':>9s}"
-    )
-    lines = [head]
-    for r in rows:
-        peak = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-        lines.append(
-            f"{r['variant']:28s} {r['seconds']:8.2f} {r['examples_per_s']:11.1f} {peak:>9s} "
-            f"{r['trainable_params']:11,} {accuracy_text(r):>18s} "
-            f"{r['useful_gflops']:8.2f} {r['pct_of_matmul']:9.1f}"
-        )
-    lines.append(f"{'calibration: matmul':28s} {'':>8s} {'':>11s} {'':>9s} {'':>11s} {'':>18s} "
-                 f"{matmul:8.2f} {100.0:9.1f}")  # fmt: skip
-    return "\n".join(lines)
-
-
-def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
-    """The speed targets for ours-lora: (target, met (None: not measured), measured)."""
-    by = {r["variant"]: r for r in rows}
-    ours = by.get("ours-lora")
-    out = []
-    for other, factor in (("naive-lora", 5.0), ("peft-lora", 1.5), ("ours-full", 1.3)):
-        target = f"ours-lora >= {factor}x {other} examples/s"
-        if other == "ours-full":
-            target += ", less peak memory"
-        else:
-            target += ", equal or better unseen accuracy"
-        if ours is None or other not in by:
-            out.append((target, None, "not measured"))
-            continue
-        ratio = ours["examples_per_s"] / by[other]["examples_per_s"]
-        met = ratio >= factor
-        measured = f"{ratio:.2f}x"
-        if other == "ours-full":
-            mine, theirs = ours["peak_mem_mib"], by[other]["peak_mem_mib"]
-            if mine is not None and theirs is not None:
-                met = met and mine < theirs
-                measured += f", peak {mine:.0f} vs {theirs:.0f} MiB"
-        else:
-            gap = ours["unseen_test_acc"] - by[other]["unseen_test_acc"]
-            met = met and gap >= 0
-            measured += f", accuracy {gap:+.2f} points"
-        out.append((target, met, measured))
-    return out
-
-
-def format_targets(rows: list[dict]) -> str:
-    word = {True: "met", False: "NOT met", None: "-"}
-    return "\n".join(f"{word[met]:8s} {t}: {m}" for t, met, m in targets(rows))
-
-
-def format_markdown(result: dict) -> str:
-    """One device's README table, from the JSON the benchmark writes."""
-    meta = result["metadata"]
-    lines = [
-        f"{meta['date']} · {meta['device']} · torch {meta['torch']} · {meta['threads']} "
-        f"thread(s) · {meta['preset']} ({meta['base']}), {meta['epochs']} epoch(s) over "
-        f"{meta['train_messages']:,} messages, batch {meta['batch_size']}, LoRA r={RANK}, "
-        f"seeds {', '.join(map(str, meta['seeds']))}",
-        *(["", f"**{meta['note']}**"] if meta.get("note") else []),
-        "",
-        "| variant | seconds (fastest seed) | examples/s | peak MiB | trainable params "
-        "| unseen test acc % (mean, range) "
-        "| useful GFLOP/s | % of matmul |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["rows"]:
-        peak = "–" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-        lines.append(
-            f"| {r['variant']} | {r['seconds']:.2f} | {r['examples_per_s']:.1f} | {peak} | "
-            f"{r['trainable_params']:,} | {accuracy_text(r)} | "
-            f"{r['useful_gflops']:.2f} | {r['pct_of_matmul']:.1f} |"
-        )
-    lines.append(f"| calibration: matmul | | | | | | {meta['matmul_gflops']:.2f} | 100 |")
-    lines += ["", "Targets (ours-lora, same run):", ""]
-    word = {True: "met", False: "**not met**", None: "not measured"}
-    lines += [f"- {t}: {word[met]} ({m})" for t, met, m in targets(result["rows"])]
-    study = result.get("lever_study")
-    if study:
-        lines += [
-            "",
-            "What each lever is worth (`--lever-study`: ours-lora with one lever flipped):",
-            "",
-            "| run | seconds | × ours-lora's time | peak MiB | unseen test acc % |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for r in study:
-            peak = "–" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
-            lines.append(
-                f"| {r['variant']} | {r['seconds']:.2f} | {r['seconds'] / study[0]['seconds']:.2f} "
-                f"| {peak} | {r['unseen_test_acc']:.1f} |"
-            )
-    return "\n".join(lines)
-
-
-def readme_table(results_dir: Path = RESULTS_DIR) -> str:
-    """The README's benchmark section: one table per ``results/*.json``, by file name."""
-    parts = []
-    for path in sorted(results_dir.glob("*.json")):
-        parts.append(format_markdown(json.loads(path.read_text())))
-    return "\n\n".join(parts)
-
-
-def update_readme(readme: Path = README, results_dir: Path = RESULTS_DIR) -> bool:
-    """Rewrite the README between the benchmark markers; True if it changed."""
-    text = readme.read_text()
-    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
-    new = text[:start] + "\n" + readme_table(results_dir) + "\n" + text[end:]
-    if new != text:
-        readme.write_text(new)
-    return new != text
-
-
 # --- the run ---------------------------------------------------------------------------------
 
 
@@ -481,11 +255,11 @@ def run(args: argparse.Namespace) -> dict:
     device = get_device()
     # LoRA on the blocks only, where naive-lora and PEFT adapt too (notebook 06 also adapts
     # the token embedding: a lookup, whose cost hardly counts next to the blocks').
-    recipe = replace(ft.FULL_FINETUNE, epochs=args.epochs, lora_targets="blocks")
+    recipe = replace(ft.FULL_FINETUNE.with_lora_targets("blocks"), epochs=args.epochs)
     base, base_note = base_model(args.preset, args.pretrain, recipe.seed)
     split = ft.shrink_split(sms_spam_split(), args.max_messages)
-    max_length = base.cfg.context_length
-    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, max_length, recipe.seed)
+    max_length, tokenizer = base.cfg.context_length, get_tokenizer()
+    loaders = message_loaders(split, tokenizer, recipe.batch_size, max_length, device, recipe.seed)
     train_lengths = [len(ids) for ids in loaders["train"].dataset.ids]
     warm_up(device)
     context = {
@@ -545,10 +319,11 @@ def profile_steps(args: argparse.Namespace) -> dict:
     notebook 06's LoRA (which also adapts the token embedding), on the benchmark's first
     batches; rewrites its README table."""
     device = get_device()
-    recipe = replace(ft.FULL_FINETUNE, lora_targets="blocks")
+    recipe = ft.FULL_FINETUNE.with_lora_targets("blocks")
     base, base_note = base_model(args.preset, args.pretrain, recipe.seed)
     split = ft.shrink_split(sms_spam_split(), args.max_messages)
-    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
+    max_length = base.cfg.context_length
+    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, max_length, device)
     batches = list(loaders["train"])
     warm_up(device)
     models = {

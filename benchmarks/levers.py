@@ -1,16 +1,20 @@
 """The switches that turn the fine-tuning path's speed-ups off: the naive baseline and the lever
-study of ``benchmarks/finetune_speed.py``. The library has no such switches; every run here
-still trains with ``finetune.finetune`` → ``train.train``, only with other pieces plugged in:
+study of ``benchmarks/finetune_speed.py``. The library has no such switches: the pieces a lever
+swaps are built here and plugged into the library's loop, ``train.train`` (called as
+``finetune.finetune`` calls it, without the per-epoch accuracies):
 
 - ``sdpa``: PyTorch's fused attention, or the explicit softmax(QKᵀ/√d)V;
-- ``pad_per_batch``: each batch padded to its longest message, or all to the training set's;
+- ``pad_per_batch``: each batch padded to its longest message, or all to the training set's
+  (``pad_to_width``);
 - ``length_buckets``: batches of similar length (``data.LengthBucketSampler``), or random ones
-  (pools of one batch) — with ``pad_per_batch`` off the batches are the same as ours;
+  (``ShuffledBatches``) — with ``pad_per_batch`` off the batches hold the same messages;
 - ``last_token_head``: the class head at the last real token only, or at every position;
 - ``last_token_block``: the last block at the last real token only (``hidden_states(ids,
   last)``), or at every position, the head then reading the last token's row;
 - ``fused_adamw``: ``fast.adamw``, or plain ``torch.optim.AdamW``;
-- ``autocast``, ``cuda_graphs``: ``train.train``'s own switches (CUDA GPUs only);
+- ``autocast``, ``cuda_graphs`` (CUDA GPUs only): ``train.train`` uses both wherever the device
+  has them; a run with either off trains in ``own_loop``, the same steps and evaluations with
+  the same pieces (``fast.GraphedStep``, ``fast.optimizer_step``), each switch its own;
 - ``bf16_frozen_base``: ``cast_frozen_base`` (below) (CUDA GPUs with bf16 only; off in ours);
 - ``compile``: ``torch.compile`` on the model (off in ours: on our short runs of many batch
   shapes its compilations cost more than they save; the study measures it).
@@ -20,21 +24,28 @@ from __future__ import annotations
 
 import copy
 import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from lora_helpers import finetune as ft
-from lora_helpers.data import LengthBucketSampler
+from lora_helpers.checkpoints import Batches
+from lora_helpers.data import PAD_ID, Message
 from lora_helpers.device import capabilities
-from lora_helpers.lora import lora_layers
-from lora_helpers.model import GPTModel, MultiHeadAttention, at_positions
-from lora_helpers.train import History
+from lora_helpers.fast import GraphedStep, adamw, optimizer_step
+from lora_helpers.lora_model import lora_layers
+from lora_helpers.model import GPTModel, MultiHeadAttention, at_positions, eval_mode
+from lora_helpers.train import History, LossFn, Schedule, train
 
 RANK = ALPHA = 16
+LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -146,10 +157,40 @@ def every_position_logits(
     return model.out_head(at_positions(hidden, positions))
 
 
-def logits_fn(levers: Levers) -> ft.LogitsFn:
+def logits_fn(levers: Levers) -> LogitsFn:
     if not levers.last_token_head:
         return all_positions_logits
     return ft.last_token_logits if levers.last_token_block else every_position_logits
+
+
+def loss_with(logits: LogitsFn) -> LossFn:
+    """``finetune.classification_loss`` with the class logits of ``logits(model, ids, lengths)``."""
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device):
+        input_ids, lengths, labels = batch
+        out = logits(model, input_ids.to(device, non_blocking=True), lengths)
+        return F.cross_entropy(out.float(), labels.to(device, non_blocking=True))
+
+    return loss_fn
+
+
+@torch.inference_mode()
+def unseen_accuracy(
+    model: nn.Module,
+    loader: DataLoader,
+    split: dict[str, list[Message]],
+    device: torch.device,
+    logits: LogitsFn,
+) -> float:
+    """``finetune.accuracy_on_test``'s unseen accuracy, with the class logits of ``logits``."""
+    caps, predictions, truth = capabilities(device), [], []
+    with eval_mode(model):
+        for input_ids, lengths, labels in loader:
+            with caps.autocast():
+                predictions.append(logits(model, input_ids.to(device), lengths).argmax(-1).cpu())
+            truth.append(labels)
+    correct = torch.cat(predictions) == torch.cat(truth)
+    return correct[ft.unseen_test_mask(split)].float().mean().item()
 
 
 def set_sdpa(model: torch.nn.Module, on: bool) -> None:
@@ -159,23 +200,50 @@ def set_sdpa(model: torch.nn.Module, on: bool) -> None:
             module.use_sdpa = on
 
 
+class ShuffledBatches(Sampler[list[int]]):
+    """Random batches, a new shuffle each epoch: ``data.LengthBucketSampler``'s draws (the
+    messages' order, then the batches') without its pools of similar length."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size = n, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size  # the last incomplete batch is dropped
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        size = self.batch_size
+        batches = [order[i : i + size] for i in range(0, len(self) * size, size)]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+
+def pad_to_width(batch: list, collate: Callable, width: int) -> tuple[torch.Tensor, ...]:
+    """``collate``'s batch, padded on the right to at least ``width`` tokens."""
+    input_ids, lengths, labels = collate(batch)
+    padding = max(0, width - input_ids.shape[1])
+    return F.pad(input_ids, (0, padding), value=PAD_ID), lengths, labels
+
+
 def loaders_for(
     loaders: dict[str, DataLoader], levers: Levers, longest: int, seed: int
 ) -> dict[str, DataLoader]:
     """``loaders`` (``data.message_loaders``) as the levers say: the same batch sampler (so
-    the same batches, reseeded by ``finetune``), every batch padded to ``longest`` without
-    ``pad_per_batch``; random batches (pools of one batch) without ``length_buckets``."""
+    the same batches, reseeded before training), every batch padded as a message of ``longest``
+    tokens is without ``pad_per_batch``; random batches without ``length_buckets``."""
     if levers.pad_per_batch and levers.length_buckets:
         return loaders
-    min_length = 0 if levers.pad_per_batch else longest
     out = {}
     for name, loader in loaders.items():
-        collate = partial(loader.collate_fn, min_length=min_length)
+        collate = loader.collate_fn
+        if not levers.pad_per_batch:
+            width = collate([([0] * longest, 0)])[0].shape[1]  # rounded and capped as ours
+            collate = partial(pad_to_width, collate=loader.collate_fn, width=width)
         if name == "train":
             sampler = loader.batch_sampler
             if not levers.length_buckets:
-                lengths, size = sampler.lengths, sampler.batch_size
-                sampler = LengthBucketSampler(lengths, size, pool_batches=1, seed=seed)
+                sampler = ShuffledBatches(len(loader.dataset), sampler.batch_size, seed)
             out[name] = DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=collate)
         else:
             out[name] = DataLoader(loader.dataset, loader.batch_size, collate_fn=collate)
@@ -190,30 +258,88 @@ def finetune_with(
     lr: float,
     levers: Levers,
 ) -> History:
-    """``finetune.finetune`` (without the per-epoch accuracies) with ``levers``' pieces."""
+    """``fit`` with ``levers``' pieces: attention, head, optimizer, precision, CUDA graphs."""
     set_sdpa(model, levers.sdpa)
     if levers.bf16_frozen_base and levers.autocast and capabilities(device).bf16_autocast:
         cast_frozen_base(model)
     if levers.compile:
         model.compile(dynamic=True)  # in place: the batches come in many lengths
-    optimizer = None
-    if not levers.fused_adamw:
-        params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if levers.fused_adamw:
+        optimizer = adamw(params, lr, recipe.weight_decay, device)
+    else:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
-    loss_fn = partial(ft.classification_loss, logits_fn=logits_fn(levers))
-    return ft.finetune(
-        model,
-        loaders,
-        device,
-        recipe,
-        lr,
-        loss_fn=loss_fn,
-        optimizer=optimizer,
-        accuracies=False,
-        autocast=levers.autocast,
-        cuda_graphs=levers.cuda_graphs and not levers.compile,
-        progress=False,
-    )
+    loss_fn, graphs = loss_with(logits_fn(levers)), levers.cuda_graphs and not levers.compile
+    return fit(model, loaders, device, recipe, optimizer, loss_fn, levers.autocast, graphs)
+
+
+def fit(
+    model: nn.Module,
+    loaders: dict[str, DataLoader],
+    device: torch.device,
+    recipe: ft.FinetuneRecipe,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    autocast: bool = True,
+    graphs: bool = True,
+) -> History:
+    """What ``finetune.finetune`` runs, without the accuracies: ``recipe.epochs`` epochs of the
+    seeded batches, the validation loss (messages sorted by length) after each; through
+    ``train.train``, or ``own_loop`` with ``autocast`` or CUDA ``graphs`` off."""
+    steps = len(loaders["train"])
+    loaders["train"].batch_sampler.generator.manual_seed(recipe.seed)  # same batches, same order
+    args = (model, loaders["train"], ft.by_length(loaders["validation"]), optimizer, device)
+    schedule = Schedule(recipe.epochs * steps, steps)
+    if autocast and graphs:
+        return train(*args, schedule, loss_fn, progress=False)
+    return own_loop(*args, schedule, loss_fn, autocast, graphs)
+
+
+def own_loop(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    schedule: Schedule,
+    loss_fn: LossFn,
+    autocast: bool,
+    graphs: bool,
+) -> History:
+    """``train.train``'s steps and evaluations (without resuming, checkpoints or DDP), with bf16
+    ``autocast`` and CUDA ``graphs`` each used only if asked and the device has it."""
+    caps, trainable = capabilities(device), [p for p in model.parameters() if p.requires_grad]
+    graphed = graphs and caps.cuda_graphs
+
+    def precision(cache_enabled: bool = True):
+        return caps.autocast(cache_enabled=cache_enabled) if autocast else nullcontext()
+
+    def loss_and_grad(batch: list[torch.Tensor]) -> torch.Tensor:
+        with precision(cache_enabled=not graphed):  # capture: no cache
+            loss = loss_fn(model, batch, device)
+        loss.backward()
+        return loss.detach()
+
+    graphed_step = GraphedStep(loss_and_grad, trainable) if graphed else None
+    batches, history, start = Batches(train_loader), History(), time.perf_counter()
+    running, n_running = torch.zeros((), device=device), 0
+    model.train()
+    for done in range(1, schedule.max_steps + 1):
+        batch = [t.to(device, non_blocking=True) for t in next(batches)]
+        clip = schedule.grad_clip
+        running += optimizer_step(optimizer, loss_and_grad, batch, trainable, clip, graphed_step)
+        n_running += 1
+        if done % schedule.eval_every == 0 or done == schedule.max_steps:
+            total, targets = torch.zeros((), device=device), 0
+            with torch.inference_mode(), eval_mode(model):
+                for val_batch in val_loader:
+                    with precision():
+                        total += loss_fn(model, val_batch, device).float() * len(val_batch[-1])
+                    targets += len(val_batch[-1])
+            history.record(done, running.item() / n_running, total.item() / targets)
+            running, n_running = torch.zeros((), device=device), 0
+    history.seconds = time.perf_counter() - start
+    return history
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from lora_helpers.device import get_device
-from lora_helpers.fast import adamw, lm_autocast
+from lora_helpers.device import capabilities, get_device
+from lora_helpers.fast import adamw
 from lora_helpers.model import GPTModel, gpt_config
 from lora_helpers.pretrain import PretrainRecipe, pretraining_corpora, pretraining_loaders
 from lora_helpers.tokenizer import get_tokenizer
@@ -65,7 +65,7 @@ def pretrain_for(
     optimizer = adamw(model.parameters(), recipe.lr, recipe.weight_decay, device)
     warmup = recipe.warmup_steps / recipe.max_steps  # the same share of the run as the recipe's
     model.train()
-    step, start = 0, time.perf_counter()
+    caps, step, start = capabilities(device), 0, time.perf_counter()
     batches = iter(train_loader)
     while (elapsed := time.perf_counter() - start) < seconds:
         progress = elapsed / seconds
@@ -81,7 +81,7 @@ def pretrain_for(
         except StopIteration:
             batches = iter(train_loader)
             continue
-        with lm_autocast(device):
+        with caps.autocast(large_products=True):
             if corpus_head:
                 loss = corpus_head_loss(model, inputs, targets, keep, index)
             else:

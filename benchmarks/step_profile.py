@@ -1,6 +1,6 @@
 """Where one training step's time goes: ``torch.profiler`` on ours-lora, ours-full and PEFT.
 
-The step is ``finetune.finetune``'s (``classification_loss``, backward, clipping, fused AdamW)
+The step is ``finetune.finetune``'s (the classification loss, backward, clipping, fused AdamW)
 on the benchmark's batches (notebook 06's recipe, the pretrained base when it is there), timed
 phase by phase (forward, backward, optimizer; the variants' steps interleaved) and then
 profiled: the operators with the most self time per step and the number of operators per step
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.levers import LogitsFn, loss_with
 from lora_helpers import finetune as ft
 from lora_helpers.fast import adamw
 
@@ -27,11 +28,11 @@ START, END = "<!-- profile:start -->", "<!-- profile:end -->"
 PHASES = ("forward", "backward", "optimizer")
 
 
-def step_phases(model, params, optimizer, batch, device, logits_fn) -> dict[str, float]:
+def step_phases(model, params, optimizer, batch, device, loss_fn) -> dict[str, float]:
     """One training step, each phase's wall time in seconds."""
     marks = [time.perf_counter()]
     optimizer.zero_grad(set_to_none=True)
-    loss = ft.classification_loss(model, batch, device, logits_fn)
+    loss = loss_fn(model, batch, device)
     marks.append(time.perf_counter())
     loss.backward()
     marks.append(time.perf_counter())
@@ -42,7 +43,7 @@ def step_phases(model, params, optimizer, batch, device, logits_fn) -> dict[str,
 
 
 def profile_variants(
-    setups: dict[str, tuple[torch.nn.Module, float, ft.LogitsFn]],
+    setups: dict[str, tuple[torch.nn.Module, float, LogitsFn]],
     batches: list,
     device: torch.device,
     warmup: int = 10,
@@ -60,18 +61,18 @@ def profile_variants(
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = adamw(params, lr, ft.FULL_FINETUNE.weight_decay, device)
-        steps[name] = (model, params, optimizer, logits_fn)
+        steps[name] = (model, params, optimizer, loss_with(logits_fn))
         for batch in batches[:warmup]:
-            step_phases(*steps[name][:3], batch, device, logits_fn)
+            step_phases(*steps[name][:3], batch, device, steps[name][3])
     times: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
     for batch in batches[warmup : warmup + timed]:
-        for name, (model, params, optimizer, logits_fn) in steps.items():
-            times[name].append(step_phases(model, params, optimizer, batch, device, logits_fn))
+        for name, (model, params, optimizer, loss_fn) in steps.items():
+            times[name].append(step_phases(model, params, optimizer, batch, device, loss_fn))
     profiles = {}
-    for name, (model, params, optimizer, logits_fn) in steps.items():
+    for name, (model, params, optimizer, loss_fn) in steps.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for batch in batches[warmup : warmup + profiled]:
-                step_phases(model, params, optimizer, batch, device, logits_fn)
+                step_phases(model, params, optimizer, batch, device, loss_fn)
         ops = [e for e in prof.events() if e.name.startswith("aten::")]
         leaves = [e for e in ops if not any(c.name.startswith("aten::") for c in e.cpu_children)]
         profiles[name] = {

@@ -6,11 +6,14 @@ explained it:
 - ``data``: the datasets: corpus text, next-token windows, the SMS Spam Collection and batches.
 - ``model``: the GPT (GPT-2 architecture and presets) and ``generate``.
 - ``params``: parameter accounting: counts, reports per layer type, and their closed forms.
-- ``train``: the one training loop, evaluation, learning-rate schedule and checkpoints.
-- ``fast``: the speed-ups ``train`` uses: the autocast rule, fused AdamW, the CUDA-graph step.
+- ``train``: the one training loop, evaluation and the learning-rate schedule.
+- ``checkpoints``: checkpoints that store their config, and resuming an interrupted run.
+- ``fast``: the speed-ups ``train`` uses: fused AdamW, the CUDA-graph step.
 - ``trunk``: runs the frozen part of the network once, for head-only and last-block fine-tuning.
-- ``lora``: the LoRA layer, ``apply_lora`` (targets), freezing and merging.
-- ``adapters``: named adapters on one base: add, switch, disable, merge, save and load.
+- ``lora``: ``LoRAConfig``, the LoRA layer and its linear and embedding wrappers.
+- ``lora_model``: LoRA on a whole model: ``apply_lora`` (targets), freezing and merging.
+- ``adapters``: named adapters on one base: add, switch, disable, delete, merge.
+- ``adapter_files``: adapters saved and loaded (our files, and PEFT's via ``peft_format``).
 - ``peft_format``: adapters in Hugging Face PEFT's format, for ``transformers``' GPT-2.
 - ``finetune``: the classifier head and notebook 06's fine-tuning variants.
 - ``transfer``: what pretraining buys: fine-tuning from the base and from random weights.
@@ -20,6 +23,7 @@ explained it:
 - ``device``: the device (cuda → mps → cpu), native bf16, peak memory, timing.
 - ``plots``: the figure style, ``save_figure`` and the notebooks' plots.
 - ``settings``: the ``LORA_QUICK`` switch and the data, artifacts and images folders.
+- ``files``: ``atomic_write``: a saved file is the old one or the new one, never half of one.
 """
 
 __version__ = "0.1.0"

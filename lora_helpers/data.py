@@ -4,7 +4,6 @@ next-token windows, and the SMS Spam Collection with its balanced split and batc
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -13,8 +12,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .device import capabilities, get_device
+from .device import capabilities
 from .downloads import CorruptFileError, fetch
+from .files import atomic_write
 from .settings import artifacts_dir
 
 
@@ -109,8 +109,8 @@ def split_sms_spam(messages: list[Message], seed: int = 123) -> dict[str, list[M
 
 
 def sms_spam_split(seed: int = 123) -> dict[str, list[Message]]:
-    """The balanced split, read from ``artifacts/sms_spam_split/`` or made and saved there,
-    so that every notebook uses the very same split."""
+    """The balanced split, read from ``artifacts/sms_spam_split_seed{seed}/`` or made and saved
+    there, so that every notebook uses the very same split."""
     folder = artifacts_dir() / f"sms_spam_split_seed{seed}"
     if all((folder / f"{name}.tsv").exists() for name in SPLIT_NAMES):
         return {name: _read_tsv(folder / f"{name}.tsv") for name in SPLIT_NAMES}
@@ -129,9 +129,8 @@ def sms_pretraining_texts(split: dict[str, list[Message]]) -> list[str]:
 
 
 def _write_tsv(path: Path, rows: list[Message]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(f"{label}\t{text}\n" for label, text in rows), encoding="utf-8")
 
 
 def _read_tsv(path: Path) -> list[Message]:
@@ -169,7 +168,6 @@ def pad_collate(
     batch: list[tuple[list[int], int]],
     pad_id: int = PAD_ID,
     multiple: int = 1,
-    min_length: int = 0,
     max_length: int | None = None,
 ):
     """Pad a batch to its own longest message (right padding), rounded up to a ``multiple``
@@ -177,15 +175,14 @@ def pad_collate(
 
     Returns ``(input_ids, lengths, labels)``; ``lengths - 1`` is the position of each message's
     last real token, the only position the classifier reads. ``multiple > 1`` leaves only a few
-    possible batch shapes (what a CUDA graph, captured once per shape, needs); ``min_length``
-    pads every batch to at least that length (e.g. the whole training set's longest message).
+    possible batch shapes (what a CUDA graph, captured once per shape, needs).
     """
     if empty := [row for row, (ids, _) in enumerate(batch) if len(ids) == 0]:
         raise ValueError(
             f"Rows {empty} of the batch have no tokens (empty messages): the classifier would "
             "read a padding position. Drop empty messages before batching."
         )
-    longest = max(min_length, *(len(ids) for ids, _ in batch))
+    longest = max(len(ids) for ids, _ in batch)
     longest = -(-longest // multiple) * multiple
     if max_length is not None:
         longest = min(longest, max(max_length, *(len(ids) for ids, _ in batch)))
@@ -197,10 +194,13 @@ def pad_collate(
     return input_ids, lengths, labels
 
 
+POOL_BATCHES = 8  # batches of similar length are cut from pools of this many (less padding)
+
+
 class LengthBucketSampler(Sampler[list[int]]):
     """Batches of messages of similar length, in a seeded random order (less padding).
 
-    Each epoch: shuffle every message, cut the order into pools of ``pool_batches`` batches,
+    Each epoch: shuffle every message, cut the order into pools of ``POOL_BATCHES`` batches,
     sort each pool by length and cut it into batches, then shuffle the batches. Every message
     is used once per epoch; with ``drop_last`` the few left over after the last full batch
     (a different few each epoch) sit this epoch out, as with a shuffling DataLoader.
@@ -210,12 +210,11 @@ class LengthBucketSampler(Sampler[list[int]]):
         self,
         lengths: Sequence[int],
         batch_size: int,
-        pool_batches: int = 8,
         drop_last: bool = True,
         seed: int = 123,
     ):
         self.lengths = list(lengths)
-        self.batch_size, self.pool_batches, self.drop_last = batch_size, pool_batches, drop_last
+        self.batch_size, self.drop_last = batch_size, drop_last
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -226,7 +225,7 @@ class LengthBucketSampler(Sampler[list[int]]):
         order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
         if self.drop_last:
             order = order[: len(self) * self.batch_size]
-        pool, size = self.pool_batches * self.batch_size, self.batch_size
+        pool, size = POOL_BATCHES * self.batch_size, self.batch_size
         batches = []
         for start in range(0, len(order), pool):
             by_length = sorted(order[start : start + pool], key=self.lengths.__getitem__)
@@ -240,19 +239,18 @@ def message_loaders(
     tokenizer,
     batch_size: int,
     max_length: int,
+    device: torch.device | str,
     seed: int = 123,
-    pad_multiple: int | None = None,
 ) -> dict[str, DataLoader]:
     """Loaders for the train, validation and test messages, each batch padded to its longest
-    message rounded up to ``pad_multiple`` (default: the best device's, ``get_device``: 16 on
-    a CUDA GPU, so that few batch shapes occur and training steps replay as CUDA graphs; else 1).
+    message rounded up to the ``device``'s pad multiple (``capabilities(device)``: 16 on a CUDA
+    GPU, so that few batch shapes occur and training steps replay as CUDA graphs; else 1).
 
     Training batches hold messages of similar length in a seeded random order
     (``LengthBucketSampler``): every message once per epoch, far less padding to compute.
     """
-    if pad_multiple is None:
-        pad_multiple = capabilities(get_device(verbose=False)).pad_multiple
-    collate = partial(pad_collate, multiple=pad_multiple, max_length=max_length)
+    multiple = capabilities(device).pad_multiple
+    collate = partial(pad_collate, multiple=multiple, max_length=max_length)
     loaders = {}
     for name in ("train", "validation", "test"):
         dataset = MessageDataset(split[name], tokenizer, max_length)

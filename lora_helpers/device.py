@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -50,7 +51,7 @@ def has_native_bf16(device: torch.device) -> bool:
 @dataclass(frozen=True)
 class Capabilities:
     """What the training path may use on one device: decided here, once per device
-    (``capabilities(device)``), and read by ``lora_helpers.fast`` wherever it matters."""
+    (``capabilities(device)``), and passed to wherever it matters."""
 
     device: torch.device
     bf16_autocast: bool  # every forward pass in bf16: CUDA GPUs with bf16 in hardware
@@ -58,6 +59,19 @@ class Capabilities:
     fused_adamw: bool  # one fused kernel updates every parameter: CUDA GPUs and CPUs
     cuda_graphs: bool  # a training step replayed as one CUDA graph: CUDA GPUs
     pad_multiple: int  # batch lengths rounded up to it: few shapes, few graphs (CUDA), else 1
+
+    def autocast(
+        self, large_products: bool = False, cache_enabled: bool = True
+    ) -> AbstractContextManager:
+        """bf16 autocast where it pays, else a no-op: every forward pass on a CUDA GPU with bf16
+        in hardware; on such a CPU only around ``large_products`` (the LM's vocabulary head:
+        about twice as fast), as the casts cost more than small products save. (CUDA graph
+        capture needs ``cache_enabled=False``.)"""
+        if self.bf16_autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        if large_products and self.bf16_large_products:
+            return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        return nullcontext()
 
 
 def capabilities(device: torch.device | str) -> Capabilities:

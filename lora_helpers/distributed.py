@@ -31,7 +31,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
-from .adapters import save_adapter
+from .adapter_files import save_adapter
 from .data import message_loaders, sms_spam_split
 from .device import get_device
 from .finetune import (
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         if rank == 0 and world_size > 1:
             dist.barrier()
     split = shrink_split(sms_spam_split(), recipe.max_messages)
-    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
+    max_length = base.cfg.context_length
+    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, max_length, device)
     loaders["train"] = shard_loader(loaders["train"], rank, world_size)
     model = prepare_variant(base, args.variant, recipe).to(device)
     torch.manual_seed(recipe.seed + rank)  # the same initial weights, each rank its own dropout

@@ -1,41 +1,21 @@
 """The speed-ups of the training loop (``train.train``), each used where the device has it.
 
-What a device offers is decided once, in ``device.capabilities``; this module turns it into
-the loop's tools: bf16 autocast (CUDA GPUs with bf16 in hardware, and on such CPUs the LM's
-vocabulary head), fused AdamW and a training step replayed as a CUDA graph. The other
-speed-ups are in the data and the model: batches of similar length padded to their own
-longest message (``data.message_loaders``), the classifier head read at the last real token
-only (``finetune.last_token_logits``), PyTorch's fused attention (``model.MultiHeadAttention``).
+What a device offers is decided once, in ``device.capabilities`` (bf16 autocast included:
+``Capabilities.autocast``); this module turns it into the loop's tools: fused AdamW and a
+training step replayed as a CUDA graph. The other speed-ups are in the data and the model:
+batches of similar length padded to their own longest message (``data.message_loaders``), the
+classifier head read at the last real token only (``finetune.last_token_logits``), PyTorch's
+fused attention (``model.MultiHeadAttention``).
 ``benchmarks/finetune_speed.py --lever-study`` measures each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 
 from .device import capabilities
-
-
-def autocast_for(device: torch.device, cache_enabled: bool = True):
-    """bf16 autocast on CUDA GPUs with bf16 in hardware (faster, half the activation memory),
-    else a no-op. On a CPU, bf16 pays only for large products (``lm_autocast``): for the
-    classifier's small ones the casts cost more than they save. (CUDA graph capture needs
-    ``cache_enabled=False``.)"""
-    if capabilities(device).bf16_autocast:
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
-    return nullcontext()
-
-
-def lm_autocast(device: torch.device):
-    """bf16 autocast on a CPU with bf16 in hardware, for a language model's forward pass: there
-    the 50,257-way vocabulary head's product dominates and bf16 makes it about twice as fast.
-    (On a CUDA GPU ``autocast_for`` already covers it.)"""
-    return torch.autocast(
-        "cpu", dtype=torch.bfloat16, enabled=capabilities(device).bf16_large_products
-    )
 
 
 def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:

@@ -12,8 +12,7 @@ import copy
 import json
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -25,24 +24,32 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import LABEL_IDS, Message, MessageDataset
-from .device import PeakMemory
-from .fast import adamw, autocast_for
-from .lora import apply_lora, freeze_except_lora
-from .model import GPTModel
+from .device import PeakMemory, capabilities
+from .fast import adamw
+from .lora import LoRAConfig
+from .lora_model import apply_lora, freeze_except_lora
+from .model import GPTModel, eval_mode
 from .params import count_parameters
 from .settings import artifacts_dir, is_quick
-from .train import History, LossFn, train
+from .train import History, LossFn, Schedule, train
 from .trunk import cached_accuracy, cached_loaders, cached_loss, cut_point
 
-VARIANTS = ("head", "last-block", "full", "lora-r8", "lora-r16")
+# Every linear layer of the blocks, and the token embedding: in a small model the embedding
+# table holds most weights and what single words ("FREE", "£") mean (notebook 06).
+LORA_TARGETS = ("tok_emb", "blocks")
+LORA_VARIANTS = {  # alpha = rank: the update is scaled by 1 at either rank
+    "lora-r8": LoRAConfig(rank=8, alpha=8, targets=LORA_TARGETS),
+    "lora-r16": LoRAConfig(rank=16, alpha=16, targets=LORA_TARGETS),
+}
+VARIANTS = ("head", "last-block", "full", *LORA_VARIANTS)
 EVAL_BATCH_SIZE = 64  # evaluation stores no activations for backward: larger batches fit
 LABEL_NAMES = {index: name for name, index in LABEL_IDS.items()}
-LogitsFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class FinetuneRecipe:
-    """The budget shared by every variant, and each variant's learning rate."""
+    """The budget shared by every variant, each variant's learning rate, and the LoRA variants'
+    configurations (rank, alpha, targets)."""
 
     epochs: int = 5
     batch_size: int = 8
@@ -50,15 +57,17 @@ class FinetuneRecipe:
     learning_rates: dict[str, float] = field(
         default_factory=lambda: {"head": 1e-3, "last-block": 3e-4, "full": 1e-4, "lora": 1e-3}
     )
-    # Every linear layer of the blocks, and the token embedding: in a small model the embedding
-    # table holds most weights and what single words ("FREE", "£") mean (notebook 06).
-    lora_targets: str | tuple[str, ...] = ("tok_emb", "blocks")
-    lora_dropout: float = 0.0
+    lora_variants: dict[str, LoRAConfig] = field(default_factory=lambda: dict(LORA_VARIANTS))
     max_messages: int | None = None  # per split (quick mode only)
     seed: int = 123
 
     def learning_rate(self, variant: str) -> float:
-        return self.learning_rates["lora" if variant.startswith("lora") else variant]
+        return self.learning_rates["lora" if variant in self.lora_variants else variant]
+
+    def with_lora_targets(self, targets: str | tuple[str, ...]) -> FinetuneRecipe:
+        """This recipe with every LoRA variant on other ``targets`` (e.g. ``"blocks"``)."""
+        lora = {name: replace(c, targets=targets) for name, c in self.lora_variants.items()}
+        return replace(self, lora_variants=lora)
 
 
 FULL_FINETUNE = FinetuneRecipe()
@@ -103,30 +112,27 @@ def classification_loss(
     model: nn.Module,
     batch: tuple[torch.Tensor, ...],
     device: torch.device,
-    logits_fn: LogitsFn = last_token_logits,
 ) -> torch.Tensor:
-    """Cross-entropy of the last-token logits (``logits_fn``'s) against the labels."""
+    """Cross-entropy of the last-token logits (``last_token_logits``) against the labels."""
     input_ids, lengths, labels = batch
-    logits = logits_fn(model, input_ids.to(device, non_blocking=True), lengths)
+    logits = last_token_logits(model, input_ids.to(device, non_blocking=True), lengths)
     return F.cross_entropy(logits.float(), labels.to(device, non_blocking=True))
 
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    logits_fn: LogitsFn = last_token_logits,
-):
-    """Predicted and true label ids for every message of ``loader``, in order
-    (``logits_fn(model, input_ids, lengths)`` gives the class logits)."""
-    model.eval()
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted and true label ids for every message of ``loader``, in order (in eval mode;
+    the model's mode is restored afterwards)."""
+    caps = capabilities(device)
     predictions, truth = [], []
-    for input_ids, lengths, labels in loader:
-        with autocast_for(device):
-            logits = logits_fn(model, input_ids.to(device), lengths)
-        predictions.append(logits.argmax(dim=-1).cpu())
-        truth.append(labels)
+    with eval_mode(model):
+        for input_ids, lengths, labels in loader:
+            with caps.autocast():
+                logits = last_token_logits(model, input_ids.to(device), lengths)
+            predictions.append(logits.argmax(dim=-1).cpu())
+            truth.append(labels)
     return torch.cat(predictions), torch.cat(truth)
 
 
@@ -145,10 +151,9 @@ def classify(
             f"Cannot classify an empty or whitespace-only message ({text!r}): there is no token "
             "to read the prediction from. Pass the message's text."
         )
-    model.eval()
     ids = tokenizer.encode(text)[: model.cfg.context_length]
     input_ids = torch.tensor([ids], device=device)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         probs = torch.softmax(last_token_logits(model, input_ids, torch.tensor([len(ids)])), -1)
     label = int(probs.argmax())
     return LABEL_NAMES[label], probs[0, label].item()
@@ -156,8 +161,9 @@ def classify(
 
 def prepare_variant(base: GPTModel, variant: str, recipe: FinetuneRecipe) -> GPTModel:
     """A copy of ``base`` with a new 2-class head and only ``variant``'s parameters trainable."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}")
+    known = ("head", "last-block", "full", *recipe.lora_variants)
+    if variant not in known:
+        raise ValueError(f"Unknown variant {variant!r}; choose one of {known}")
     torch.manual_seed(recipe.seed)  # the same head (and LoRA) initialisation for every variant
     model = add_classification_head(copy.deepcopy(base))
     if variant == "full":
@@ -168,15 +174,7 @@ def prepare_variant(base: GPTModel, variant: str, recipe: FinetuneRecipe) -> GPT
         last = f"trf_blocks.{model.cfg.n_layers - 1}"
         freeze_except_lora(model, also_train=[last, "final_norm", "out_head"])
     else:
-        rank = int(variant.removeprefix("lora-r"))
-        apply_lora(
-            model,
-            rank=rank,
-            alpha=rank,
-            targets=recipe.lora_targets,
-            dropout=recipe.lora_dropout,
-            also_train=["out_head"],
-        )
+        apply_lora(model, recipe.lora_variants[variant], also_train=["out_head"])
     return model
 
 
@@ -205,19 +203,17 @@ def finetune(
     recipe: FinetuneRecipe,
     lr: float,
     loss_fn: LossFn = classification_loss,
-    optimizer: torch.optim.Optimizer | None = None,
-    accuracies: bool = True,
     cache_trunk: bool = True,
     **train_options,
 ) -> History:
-    """AdamW (``fast.adamw``, or ``optimizer``) on the trainable parameters for
-    ``recipe.epochs`` epochs with ``train.train``, evaluating every epoch: the validation loss,
-    and with ``accuracies`` the training/validation accuracy in ``history.metrics`` (under
-    torchrun, rank 0 measures them, the training accuracy on every training message). Both
+    """AdamW (``fast.adamw``) on the trainable parameters for ``recipe.epochs`` epochs with
+    ``train.train``, evaluating every epoch: the validation loss, and the training/validation
+    accuracy in ``history.metrics`` (under torchrun, rank 0 measures them, the training
+    accuracy on every training message). Both
     read the messages sorted by length (``by_length``), never through the shuffling loader:
     that would draw a shuffle from its generator and change every later epoch's batches (under
-    torchrun, on rank 0 alone). ``train_options`` go to ``train``
-    (e.g. ``progress=False``).
+    torchrun, on rank 0 alone). ``train_options`` go to ``train`` (``progress=False``,
+    ``saving=Saving(...)``).
 
     When only the top trains (head only, last block) and ``cache_trunk``, the frozen part runs
     once per message (``lora_helpers.trunk``) and the top trains on its cached output: the
@@ -239,9 +235,8 @@ def finetune(
         train_eval = in_order(loaders["train"], recipe.batch_size)
         validation = loaders["validation"]
     cache_seconds = time.perf_counter() - start
-    if optimizer is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = adamw(params, lr, recipe.weight_decay, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, lr, recipe.weight_decay, device)
     steps_per_epoch = len(loaders["train"])
     loaders["train"].batch_sampler.generator.manual_seed(recipe.seed)  # same batches, same order
 
@@ -257,10 +252,9 @@ def finetune(
         validation,
         optimizer,
         device,
-        max_steps=recipe.epochs * steps_per_epoch,
-        eval_every=steps_per_epoch,
+        Schedule(recipe.epochs * steps_per_epoch, steps_per_epoch),
         loss_fn=loss_fn,
-        eval_metrics=measure_accuracies if accuracies else None,
+        eval_metrics=measure_accuracies,
         **train_options,
     )
     history.seconds += cache_seconds  # the frozen part's one pass is part of the run's cost
@@ -294,10 +288,9 @@ def accuracy_on_test(
     loaders: dict[str, DataLoader],
     split: dict[str, list[Message]],
     device: torch.device,
-    logits_fn: LogitsFn = last_token_logits,
 ) -> tuple[float, float]:
     """Accuracy on every test message, and on the unseen ones (``unseen_test_mask``)."""
-    predictions, truth = predict(model, loaders["test"], device, logits_fn)
+    predictions, truth = predict(model, loaders["test"], device)
     correct = predictions == truth
     return correct.float().mean().item(), correct[unseen_test_mask(split)].float().mean().item()
 

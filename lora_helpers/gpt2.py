@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from .downloads import DownloadError, download_file
-from .model import GPTConfig, GPTModel, gpt_config
+from .model import FC1, FC2, KEY, OUT_PROJ, QUERY, VALUE, GPTConfig, GPTModel, gpt_config
 from .settings import data_dir
 
 # size -> (our preset in model.PRESETS, the model's repository on the Hugging Face hub)
@@ -43,16 +43,16 @@ TOP_NAMES = {
 BLOCK_NAMES = {  # inside block i: ``h.{i}.<key>`` -> ``trf_blocks.{i}.<value>``
     "ln_1.weight": ("norm1.scale",),
     "ln_1.bias": ("norm1.shift",),
-    "attn.c_attn.weight": ("att.W_query.weight", "att.W_key.weight", "att.W_value.weight"),
-    "attn.c_attn.bias": ("att.W_query.bias", "att.W_key.bias", "att.W_value.bias"),
-    "attn.c_proj.weight": ("att.out_proj.weight",),
-    "attn.c_proj.bias": ("att.out_proj.bias",),
+    "attn.c_attn.weight": (f"{QUERY}.weight", f"{KEY}.weight", f"{VALUE}.weight"),
+    "attn.c_attn.bias": (f"{QUERY}.bias", f"{KEY}.bias", f"{VALUE}.bias"),
+    "attn.c_proj.weight": (f"{OUT_PROJ}.weight",),
+    "attn.c_proj.bias": (f"{OUT_PROJ}.bias",),
     "ln_2.weight": ("norm2.scale",),
     "ln_2.bias": ("norm2.shift",),
-    "mlp.c_fc.weight": ("ff.fc1.weight",),
-    "mlp.c_fc.bias": ("ff.fc1.bias",),
-    "mlp.c_proj.weight": ("ff.fc2.weight",),
-    "mlp.c_proj.bias": ("ff.fc2.bias",),
+    "mlp.c_fc.weight": (f"{FC1}.weight",),
+    "mlp.c_fc.bias": (f"{FC1}.bias",),
+    "mlp.c_proj.weight": (f"{FC2}.weight",),
+    "mlp.c_proj.bias": (f"{FC2}.bias",),
 }
 CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")  # stored as (in, out)
 # Causal-mask buffers that GPT-2 files may hold next to the weights; they are not weights.

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 import warnings
-from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import SupportsIndex
 
 import torch
@@ -20,19 +19,6 @@ from torch import nn
 
 SCALING_RULES = ("standard", "rslora")  # alpha / rank (LoRA paper) or alpha / sqrt(rank)
 INITS = ("default", "gaussian", "olora")
-
-# Names of our GPT's linear layers, grouped for ``apply_lora(targets=...)``.
-TARGET_GROUPS = {
-    "attention": ("W_query", "W_key", "W_value", "out_proj"),
-    "attention_qv": ("W_query", "W_value"),
-    "feed_forward": ("fc1", "fc2"),
-    "blocks": ("W_query", "W_key", "W_value", "out_proj", "fc1", "fc2"),
-    "head": ("out_head",),
-}
-
-
-class LoRAAlreadyAppliedError(RuntimeError):
-    """A target layer already carries a LoRA adapter."""
 
 
 def lora_scaling(alpha: float, rank: int, rule: str = "standard") -> float:
@@ -58,6 +44,63 @@ def as_rank(rank: SupportsIndex) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """One LoRA adapter's settings, checked once here and passed whole: the rank and alpha of
+    its updates, the scaling rule (``"standard"``: alpha/rank, ``"rslora"``: alpha/√rank), the
+    dropout on their input, how the factors start (``init``) and which layers get one
+    (``targets``: group names from ``lora_model.TARGET_GROUPS``, layer names, full names or
+    regular expressions over full names)."""
+
+    rank: int
+    alpha: float
+    scaling: str = "standard"
+    dropout: float = 0.0
+    init: str = "default"
+    targets: str | tuple[str, ...] = "blocks"
+
+    def __post_init__(self):
+        object.__setattr__(self, "rank", as_rank(self.rank))
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha!r}.")
+        if self.scaling not in SCALING_RULES:
+            raise ValueError(f"scaling must be one of {SCALING_RULES}, got {self.scaling!r}.")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
+        names = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if not names or not all(isinstance(t, str) and t for t in names):
+            raise ValueError(f"targets must name at least one layer, got {self.targets!r}.")
+        object.__setattr__(
+            self, "targets", self.targets if isinstance(self.targets, str) else names
+        )
+
+    @property
+    def factor(self) -> float:
+        """What the update is multiplied by (``lora_scaling``)."""
+        return lora_scaling(self.alpha, self.rank, self.scaling)
+
+
+def check_fits(config: LoRAConfig, layer: nn.Module) -> None:
+    """Raise ValueError if ``config`` cannot adapt ``layer`` (a linear layer or an embedding)."""
+    in_dim, out_dim = layer_dims(layer)
+    max_rank = min(in_dim, out_dim)
+    if config.init == "olora" and config.rank > max_rank:
+        raise ValueError(
+            f"init='olora' takes its factors from a QR of the ({out_dim} x {in_dim}) weight, "
+            f"which has at most {max_rank} directions: use rank <= {max_rank} with OLoRA."
+        )
+    if isinstance(layer, nn.Embedding) and (config.init != "default" or config.dropout):
+        raise ValueError(
+            f"LoRA on an embedding takes init='default' and dropout=0 (got init={config.init!r}, "
+            f"dropout={config.dropout}): leave the embedding out of the targets to use them."
+        )
+
+
 def warn_if_rank_exceeds(in_dim: int, out_dim: int, rank: int) -> None:
     """Warn when ``rank`` exceeds min(in, out): legal (appendix E of *LLMs from scratch* does it
     for its 2-class head), but the extra rank adds parameters without compressing anything."""
@@ -72,28 +115,6 @@ def warn_if_rank_exceeds(in_dim: int, out_dim: int, rank: int) -> None:
         )
 
 
-def check_lora_args(
-    in_dim: int, out_dim: int, rank: int, alpha: float, scaling: str, dropout: float, init: str
-) -> None:
-    """Raise ValueError, saying what was given and what is allowed, for any bad argument."""
-    rank, max_rank = as_rank(rank), min(in_dim, out_dim)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}.")
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha!r}.")
-    if scaling not in SCALING_RULES:
-        raise ValueError(f"scaling must be one of {SCALING_RULES}, got {scaling!r}.")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}.")
-    if init == "olora" and rank > max_rank:
-        raise ValueError(
-            f"init='olora' takes its factors from a QR of the ({out_dim} x {in_dim}) weight, "
-            f"which has at most {max_rank} directions: use rank <= {max_rank} with OLoRA."
-        )
-
-
 class LoRALayer(nn.Module):
     """The low-rank update alone: ``scaling · dropout(x) @ A @ B``.
 
@@ -101,27 +122,18 @@ class LoRALayer(nn.Module):
     so that it starts at zero change without touching the frozen weight.
     """
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        rank: int,
-        alpha: float,
-        scaling: str = "standard",
-        dropout: float = 0.0,
-    ):
+    def __init__(self, in_dim: int, out_dim: int, config: LoRAConfig):
         super().__init__()
-        check_lora_args(in_dim, out_dim, rank, alpha, scaling, dropout, "default")
-        rank = as_rank(rank)
-        warn_if_rank_exceeds(in_dim, out_dim, rank)
-        self.rank, self.alpha, self.scaling_rule = rank, alpha, scaling
-        self.scaling = lora_scaling(alpha, rank, scaling)
-        self.init = "default"  # set by LinearWithLoRA.add_adapter
-        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        warn_if_rank_exceeds(in_dim, out_dim, config.rank)
+        self.config = config
+        self.rank, self.alpha, self.scaling_rule = config.rank, config.alpha, config.scaling
+        self.init = config.init
+        self.scaling = config.factor
+        self.A = nn.Parameter(torch.empty(in_dim, config.rank))
         # Kaiming-uniform over A's input dimension, as nn.Linear and PEFT initialise it.
         nn.init.kaiming_uniform_(self.A.T, a=math.sqrt(5))
-        self.B = nn.Parameter(torch.zeros(rank, out_dim))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.B = nn.Parameter(torch.zeros(config.rank, out_dim))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.register_buffer("A0", None)  # OLoRA's starting factors (None otherwise)
         self.register_buffer("B0", None)
 
@@ -147,7 +159,7 @@ def olora_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 
 class AdapterWrapper(nn.Module):
-    """What LinearWithLoRA and adapters.PerAdapterModule share: a ``plain`` module, one of
+    """What the LoRA wrappers and adapters.PerAdapterModule share: a ``plain`` module, one of
     ``parts`` per named adapter, and the ``active`` adapter's name (None: the plain module).
     ``disabled``: the plain module for now; ``merged``: the active part is in the plain weights."""
 
@@ -162,7 +174,7 @@ class AdapterWrapper(nn.Module):
 
     def merged_module(self) -> nn.Module:
         """The plain module that computes what this one does with the active adapter merged in
-        (for LinearWithLoRA: once ``merge`` has put the update into the linear weight)."""
+        (for a LoRA wrapper: once ``merge`` has put the update into the plain weight)."""
         return self.plain
 
 
@@ -171,58 +183,39 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.plain if isinstance(module, AdapterWrapper) else module
 
 
-class LinearWithLoRA(AdapterWrapper):
-    """A frozen ``nn.Linear`` plus named LoRA updates, one of them active:
-    ``linear(x) + lora(x)``; once merged, a single linear layer holding the update."""
+class LoRAWrapper(AdapterWrapper):
+    """A frozen layer plus named LoRA updates, one of them active: ``layer(x) + update(x)``;
+    once merged, the plain layer holding the update. LinearWithLoRA and EmbeddingWithLoRA say
+    how their layer applies an update; this base keeps the adapters and merges them."""
 
-    def __init__(
-        self,
-        linear: nn.Linear,
-        rank: int,
-        alpha: float,
-        scaling: str = "standard",
-        dropout: float = 0.0,
-        init: str = "default",
-        name: str = "default",
-    ):
+    plain_name: str  # the wrapped layer's name in the state dict: "linear" or "embedding"
+
+    def __init__(self, layer: nn.Module, config: LoRAConfig, name: str = "default"):
         super().__init__()
-        self.linear = linear
+        setattr(self, self.plain_name, layer)
         self.adapters = nn.ModuleDict()
-        self.add_adapter(name, rank, alpha, scaling, dropout, init)
+        self.add_adapter(name, config)
         self.active = name
-        self.train(linear.training)  # a model in eval mode stays there: no dropout switched on
+        self.train(layer.training)  # a model in eval mode stays there: no dropout switched on
 
-    plain = property(lambda self: self.linear)
+    plain = property(lambda self: getattr(self, self.plain_name))
     parts = property(lambda self: self.adapters)
+    weight = property(lambda self: self.plain.weight)  # the frozen weight, as the plain layer
 
     @torch.no_grad()
-    def add_adapter(
-        self,
-        name: str,
-        rank: int,
-        alpha: float,
-        scaling: str = "standard",
-        dropout: float = 0.0,
-        init: str = "default",
-    ) -> LoRALayer:
+    def add_adapter(self, name: str, config: LoRAConfig) -> LoRALayer:
         """Add a new named adapter (not activated), in this layer's mode (train or eval)."""
-        in_dim, out_dim = layer_dims(self.plain)
-        rank = as_rank(rank)
-        check_lora_args(in_dim, out_dim, rank, alpha, scaling, dropout, init)
+        check_fits(config, self.plain)
         if name in self.adapters:
             raise ValueError(f"This layer already has an adapter named {name!r}.")
-        lora = LoRALayer(in_dim, out_dim, rank, alpha, scaling, dropout)
+        lora = LoRALayer(*layer_dims(self.plain), config)
         lora.to(self.plain.weight.device).train(self.training)
-        if init == "gaussian":
-            nn.init.normal_(lora.A, std=1 / rank)
-        elif init == "olora":
-            a, b = olora_factors(self.plain.weight, rank)
-            lora.A.copy_(a)
-            lora.B.copy_(b)
-            lora.A0, lora.B0 = a.clone(), b.clone()
-        lora.init = init
+        self.init_factors(lora)
         self.adapters[name] = lora
         return lora
+
+    def init_factors(self, lora: LoRALayer) -> None:
+        """Set the new adapter's starting factors (the default: as ``LoRALayer`` made them)."""
 
     @property
     def lora(self) -> LoRALayer:
@@ -233,12 +226,16 @@ class LinearWithLoRA(AdapterWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled or self.active is None:
-            return self.linear(x)
-        return self.linear(x) + self.lora(x)
+            return self.plain(x)
+        return self.plain(x) + self.update(x)
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """The active adapter's contribution for input ``x``."""
+        raise NotImplementedError
 
     def weight_delta(self) -> torch.Tensor:
-        """The active update in the layout of the wrapped layer's weight (out × in)."""
-        return self.lora.delta_weight()
+        """The active update in the layout of the wrapped layer's weight."""
+        raise NotImplementedError
 
     def merged_weight(self) -> torch.Tensor:
         """What the wrapped weight becomes when the active update is merged into it."""
@@ -247,7 +244,7 @@ class LinearWithLoRA(AdapterWrapper):
 
     @torch.no_grad()
     def merge(self, safe: bool = True) -> None:
-        """Add the active update into the linear weight (a no-op if already merged). With
+        """Add the active update into the layer's weight (a no-op if already merged). With
         ``safe``, refuse, changing nothing, if the merged weight would hold inf or NaN."""
         if self.merged or self.active is None:
             return
@@ -270,54 +267,43 @@ class LinearWithLoRA(AdapterWrapper):
         self.merged = False
 
 
-class EmbeddingWithLoRA(LinearWithLoRA):
+class LinearWithLoRA(LoRAWrapper):
+    """A frozen ``nn.Linear`` plus named LoRA updates: ``linear(x) + scaling · x A B``."""
+
+    plain_name = "linear"
+
+    def init_factors(self, lora: LoRALayer) -> None:
+        if lora.init == "gaussian":
+            nn.init.normal_(lora.A, std=1 / lora.rank)
+        elif lora.init == "olora":
+            a, b = olora_factors(self.plain.weight, lora.rank)
+            lora.A.copy_(a)
+            lora.B.copy_(b)
+            lora.A0, lora.B0 = a.clone(), b.clone()
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora(x)
+
+    def weight_delta(self) -> torch.Tensor:
+        """The active update in ``nn.Linear``'s weight layout (out × in)."""
+        return self.lora.delta_weight()
+
+
+class EmbeddingWithLoRA(LoRAWrapper):
     """A frozen ``nn.Embedding`` plus named LoRA updates. Looking a token up multiplies a one-hot
     row by the table, so the update is a row of ``A`` (vocab × rank) times ``B``. As in PEFT, A
     starts at zero and B random (a lookup reads a single row of A: a random A would barely move
     B); B ~ N(0, 1/rank) keeps the update's first steps the same size at any rank."""
 
-    def __init__(
-        self,
-        embedding: nn.Embedding,
-        rank: int,
-        alpha: float,
-        scaling: str = "standard",
-        dropout: float = 0.0,
-        init: str = "default",
-        name: str = "default",
-    ):
-        AdapterWrapper.__init__(self)
-        self.embedding = embedding
-        self.adapters = nn.ModuleDict()
-        self.add_adapter(name, rank, alpha, scaling, dropout, init)
-        self.active = name
-        self.train(embedding.training)
+    plain_name = "embedding"
 
-    plain = property(lambda self: self.embedding)
-    weight = property(lambda self: self.embedding.weight)  # the frozen table, as nn.Embedding
-
-    @torch.no_grad()
-    def add_adapter(
-        self,
-        name: str,
-        rank: int,
-        alpha: float,
-        scaling: str = "standard",
-        dropout: float = 0.0,
-        init: str = "default",
-    ) -> LoRALayer:
-        """Add a new named adapter (not activated)."""
-        check_embedding_args(init, dropout)
-        lora = super().add_adapter(name, rank, alpha, scaling, dropout, init)
+    def init_factors(self, lora: LoRALayer) -> None:
         nn.init.zeros_(lora.A)
         nn.init.normal_(lora.B, std=1 / math.sqrt(lora.rank))
-        return lora
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled or self.active is None:
-            return self.embedding(ids)
+    def update(self, ids: torch.Tensor) -> torch.Tensor:
         lora = self.lora
-        return self.embedding(ids) + lora.scaling * (F.embedding(ids, lora.A) @ lora.B)
+        return lora.scaling * (F.embedding(ids, lora.A) @ lora.B)
 
     def weight_delta(self) -> torch.Tensor:
         """The active update in the embedding table's layout (vocab × dim): scaling · A B."""
@@ -329,18 +315,9 @@ class EmbeddingWithLoRA(LinearWithLoRA):
         reading the frozen table, as it does unmerged."""
         if self.merged or self.active is None:
             return
-        weight = self.embedding.weight
-        self.embedding.weight = nn.Parameter(weight.clone(), requires_grad=weight.requires_grad)
+        weight = self.plain.weight
+        self.plain.weight = nn.Parameter(weight.clone(), requires_grad=weight.requires_grad)
         super().merge(safe)
-
-
-def check_embedding_args(init: str, dropout: float) -> None:
-    """An embedding's LoRA starts one way (A zero, B random) and drops nothing of a one-hot row."""
-    if init != "default" or dropout:
-        raise ValueError(
-            f"LoRA on an embedding takes init='default' and dropout=0 (got init={init!r}, "
-            f"dropout={dropout}): leave the embedding out of the targets to use them."
-        )
 
 
 def layer_dims(layer: nn.Module) -> tuple[int, int]:
@@ -348,201 +325,3 @@ def layer_dims(layer: nn.Module) -> tuple[int, int]:
     if isinstance(layer, nn.Embedding):
         return layer.num_embeddings, layer.embedding_dim
     return layer.in_features, layer.out_features
-
-
-def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
-    """Appendix E's recipe in *LLMs from scratch*: wrap every ``nn.Linear`` of ``model``,
-    recursively, in place."""
-    for name, module in model.named_children():
-        if isinstance(module, nn.Linear):
-            setattr(model, name, LinearWithLoRA(module, rank, alpha))
-        elif not isinstance(module, LinearWithLoRA):
-            replace_linear_with_lora(module, rank, alpha)
-    return model
-
-
-def lora_layers(model: nn.Module) -> dict[str, LinearWithLoRA]:
-    """Every LoRA-wrapped layer of ``model``, by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
-
-
-def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The target candidates: plain linear layers and embeddings, and LoRA-wrapped ones (not
-    their insides)."""
-    layers, wrapped = {}, []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in wrapped):
-            continue
-        if isinstance(module, LinearWithLoRA):
-            wrapped.append(f"{name}.")
-        if isinstance(module, (nn.Linear, nn.Embedding, LinearWithLoRA)):
-            layers[name] = module
-    return layers
-
-
-def _matches(name: str, target: str) -> bool:
-    return (
-        name == target
-        or name.rsplit(".", 1)[-1] == target
-        or re.fullmatch(target, name) is not None
-    )
-
-
-def resolve_targets(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
-    """Names of the layers that ``targets`` (group names, layer names or regexes) select."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    patterns = [p for t in targets for p in TARGET_GROUPS.get(t, (t,))]
-    layers = _linear_layers(model)
-    unmatched = [p for p in patterns if not any(_matches(name, p) for name in layers)]
-    if unmatched or not patterns:
-        kinds = sorted({name.rsplit(".", 1)[-1] for name in layers})
-        raise ValueError(
-            f"LoRA targets {unmatched or targets} match no linear layer of this model. Use a group "
-            f"({', '.join(TARGET_GROUPS)}), a layer kind ({', '.join(kinds)}), a full name "
-            f"(e.g. {next(iter(layers), '?')!r}) or a regular expression over full names."
-        )
-    return [name for name in layers if any(_matches(name, p) for p in patterns)]
-
-
-def apply_lora(
-    model: nn.Module,
-    rank: int,
-    alpha: float,
-    targets: str | Iterable[str] = "blocks",
-    scaling: str = "standard",
-    dropout: float = 0.0,
-    init: str = "default",
-    freeze_base: bool = True,
-    also_train: Iterable[str] = (),
-) -> nn.Module:
-    """Wrap the chosen linear layers of ``model`` with LoRA, in place.
-
-    ``targets``: group names from TARGET_GROUPS, layer names such as ``"W_query"``, full names,
-    or regular expressions over full names. With ``freeze_base``, every parameter except the
-    LoRA factors and those of the modules in ``also_train`` is frozen.
-    """
-    names = resolve_targets(model, targets)
-    already = [n for n in names if isinstance(model.get_submodule(n), LinearWithLoRA)]
-    if already:
-        raise LoRAAlreadyAppliedError(
-            f"These layers already have LoRA: {already}. Apply LoRA once; to start over, build "
-            "a fresh model (or load the base checkpoint again)."
-        )
-    add_lora(model, names, "default", rank, alpha, scaling, dropout, init)
-    if freeze_base:
-        freeze_except_lora(model, also_train)
-    return model
-
-
-def add_lora(
-    model: nn.Module,
-    names: list[str],
-    adapter: str,
-    rank: int,
-    alpha: float,
-    scaling: str = "standard",
-    dropout: float = 0.0,
-    init: str = "default",
-) -> dict[str, LoRALayer]:
-    """Give the linear layers ``names`` of ``model`` the LoRA adapter ``adapter`` (not
-    activated on layers that had adapters): a plain layer is wrapped in LinearWithLoRA, a wrapped
-    one gets one adapter more. All or nothing: every layer is checked (weight not tied, arguments
-    valid for its size) before the first is changed. Returns the new LoRA updates by layer."""
-    layers = {name: model.get_submodule(name) for name in names}
-    # An embedding may be tied to the output layer: its update changes lookups only (see
-    # EmbeddingWithLoRA.merge), so only linear layers must have a weight of their own.
-    plain_linear = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
-    check_not_tied(model, plain_linear)
-    for layer in map(unwrap, layers.values()):
-        check_lora_args(*layer_dims(layer), rank, alpha, scaling, dropout, init)
-        if isinstance(layer, nn.Embedding):
-            check_embedding_args(init, dropout)
-    added = {}
-    for name, layer in layers.items():
-        if isinstance(layer, LinearWithLoRA):
-            added[name] = layer.add_adapter(adapter, rank, alpha, scaling, dropout, init)
-        else:
-            wrapper = EmbeddingWithLoRA if isinstance(layer, nn.Embedding) else LinearWithLoRA
-            wrapped = wrapper(layer, rank, alpha, scaling, dropout, init, adapter)
-            replace_module(model, name, wrapped)
-            added[name] = wrapped.lora
-    return added
-
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` in the place of ``model``'s submodule ``name``."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-
-
-def check_not_tied(model: nn.Module, names: list[str]) -> None:
-    """Refuse LoRA on layers whose weight is shared with another module (a tied head)."""
-    shared = _shared_parameter_names(model)
-    tied = [n for n in names if f"{n}.weight" in shared]
-    if tied:
-        raise ValueError(
-            f"{tied} share their weight with {sorted(shared[f'{tied[0]}.weight'])}: a LoRA update "
-            "merged into it would change those too. Leave it out of the targets, or untie it "
-            "first (e.g. replace the head with a new nn.Linear)."
-        )
-
-
-def _shared_parameter_names(model: nn.Module) -> dict[str, set[str]]:
-    """For each parameter name whose tensor is also registered elsewhere, the other names."""
-    by_tensor: dict[int, set[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(p), set()).add(name)
-    return {n: names - {n} for names in by_tensor.values() if len(names) > 1 for n in names}
-
-
-def freeze_except_lora(model: nn.Module, also_train: Iterable[str] = ()) -> None:
-    """Make only the LoRA factors trainable, plus the parameters of the modules named in
-    ``also_train`` (e.g. a new classification head: ``also_train=["out_head"]``)."""
-    also_train = list(also_train)
-    for name in also_train:
-        model.get_submodule(name)  # raises AttributeError naming a missing module
-    for name, param in model.named_parameters():
-        is_lora = is_lora_parameter(name)
-        in_also = any(name == m or name.startswith(f"{m}.") for m in also_train)
-        param.requires_grad = is_lora or in_also
-
-
-def merge_lora(model: nn.Module, safe: bool = True) -> int:
-    """Merge every LoRA layer into its linear weight; returns how many were merged. With
-    ``safe``, every merged weight is checked first and nothing changes if one is not finite."""
-    layers = [m for m in lora_layers(model).values() if not m.merged and m.active is not None]
-    with torch.no_grad():
-        finite = [torch.isfinite(layer.merged_weight()).all() for layer in layers] if safe else []
-    if not all(finite):
-        raise ValueError(
-            "Merging would put inf/NaN into a weight; nothing was merged. Check the "
-            "LoRA parameters (training may have diverged) or merge in a wider dtype."
-        )
-    for layer in layers:
-        layer.merge(safe=False)
-    return len(layers)
-
-
-def unmerge_lora(model: nn.Module) -> int:
-    """Undo ``merge_lora``; returns how many layers were unmerged."""
-    layers = [m for m in lora_layers(model).values() if m.merged]
-    for layer in layers:
-        layer.unmerge()
-    return len(layers)
-
-
-def is_lora_parameter(name: str) -> bool:
-    """True for the parameters (and OLoRA buffers) of LoRA adapters."""
-    return ".adapters." in name
-
-
-def lora_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of one adapter (the active one by default) keyed ``<layer>.lora.<tensor>``,
-    without the adapter's name: what an adapter file holds."""
-    state = {}
-    for layer_name, layer in lora_layers(model).items():
-        adapter = name or layer.active
-        if adapter in layer.adapters:
-            for key, value in layer.adapters[adapter].state_dict().items():
-                state[f"{layer_name}.lora.{key}"] = value
-    return state

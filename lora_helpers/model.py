@@ -9,6 +9,8 @@ from notebook 02, and the tests check that both agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -54,6 +56,22 @@ def gpt_config(name: str, **overrides) -> GPTConfig:
     if name not in PRESETS:
         raise KeyError(f"Unknown GPT preset {name!r}; choose one of {sorted(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+# The linear layers inside each block ``trf_blocks.i``, by their module names: the one place
+# they are spelled, read by LoRA's target groups, the parameter counts, the GPT-2 and PEFT name
+# maps and the benchmark's FLOP count.
+QUERY, KEY, VALUE, OUT_PROJ = "att.W_query", "att.W_key", "att.W_value", "att.out_proj"
+FC1, FC2 = "ff.fc1", "ff.fc2"
+ATTENTION_LINEARS = (QUERY, KEY, VALUE, OUT_PROJ)
+BLOCK_LINEARS = (*ATTENTION_LINEARS, FC1, FC2)
+
+
+def block_linear_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer of a block, by its name."""
+    d = cfg.emb_dim
+    return {QUERY: (d, d), KEY: (d, d), VALUE: (d, d), OUT_PROJ: (d, d), FC1: (d, 4 * d),
+            FC2: (4 * d, d)}  # fmt: skip
 
 
 def at_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -235,6 +253,18 @@ def check_last_positions(last: torch.Tensor, batch: int, n_tokens: int) -> None:
         )
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with ``model`` in eval mode (no dropout), then put it back in the mode it
+    was in (train or eval)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def generate(
     model: GPTModel,
@@ -251,25 +281,23 @@ def generate(
     restricted to the ``top_k`` most likely tokens if given. Stops early once every sequence
     has produced ``eos_id``. Pass a seeded ``generator`` for repeatable samples.
     """
-    was_training = model.training
-    model.eval()
-    context_length = model.cfg.context_length
-    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -context_length:])[:, -1, :]
-        if top_k is not None:
-            kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth_best, float("-inf"))
-        if temperature > 0:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-        else:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        if eos_id is not None:
-            next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
-            finished |= next_id.squeeze(1) == eos_id
-        idx = torch.cat([idx, next_id], dim=1)
-        if eos_id is not None and finished.all():
-            break
-    model.train(was_training)
+    with eval_mode(model):
+        context_length = model.cfg.context_length
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = model(idx[:, -context_length:])[:, -1, :]
+            if top_k is not None:
+                kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth_best, float("-inf"))
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            else:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            if eos_id is not None:
+                next_id = next_id.masked_fill(finished.unsqueeze(1), eos_id)
+                finished |= next_id.squeeze(1) == eos_id
+            idx = torch.cat([idx, next_id], dim=1)
+            if eos_id is not None and finished.all():
+                break
     return idx

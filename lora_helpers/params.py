@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .lora import TARGET_GROUPS, is_lora_parameter
-from .model import GPTConfig
+from .lora_model import TARGET_GROUPS, is_lora_parameter
+from .model import GPTConfig, block_linear_shapes
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -34,19 +34,11 @@ def lora_parameter_count(in_dim: int, out_dim: int, rank: int) -> int:
 def expected_lora_parameters(cfg: GPTConfig, rank: int, group: str, head_out: int = 0) -> int:
     """Closed-form LoRA parameter count of a GPT for one of TARGET_GROUPS (``head_out``: the
     output size of the head when the group includes it)."""
-    d = cfg.emb_dim
-    shapes = {
-        "W_query": (d, d),
-        "W_key": (d, d),
-        "W_value": (d, d),
-        "out_proj": (d, d),
-        "fc1": (d, 4 * d),
-        "fc2": (4 * d, d),
-    }
+    shapes = {name.rsplit(".", 1)[-1]: shape for name, shape in block_linear_shapes(cfg).items()}
     total = 0
     for kind in TARGET_GROUPS[group]:
         if kind == "out_head":
-            total += lora_parameter_count(d, head_out, rank)
+            total += lora_parameter_count(cfg.emb_dim, head_out, rank)
         else:
             total += cfg.n_layers * lora_parameter_count(*shapes[kind], rank)
     return total

@@ -28,18 +28,20 @@ from torch import nn
 
 from . import adapters as ad
 from .data import PAD_ID
+from .files import atomic_write
 from .gpt2 import CONV1D_WEIGHTS, gpt2_name_map
-from .lora import AdapterWrapper, LinearWithLoRA, LoRALayer, add_lora, lora_scaling, unwrap
-from .model import GPTModel
+from .lora import AdapterWrapper, LoRAConfig, LoRALayer, LoRAWrapper, lora_scaling, unwrap
+from .lora_model import add_lora
+from .model import FC1, FC2, KEY, OUT_PROJ, QUERY, VALUE, GPTModel
 
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 PREFIX = "base_model.model."  # what PEFT puts before the transformers model's module names
 # GPT-2 module inside block i -> our layers inside trf_blocks.i (c_attn: its q, k, v parts)
 LAYER_MAP = {
-    "attn.c_attn": ("att.W_query", "att.W_key", "att.W_value"),
-    "attn.c_proj": ("att.out_proj",),
-    "mlp.c_fc": ("ff.fc1",),
-    "mlp.c_proj": ("ff.fc2",),
+    "attn.c_attn": (QUERY, KEY, VALUE),
+    "attn.c_proj": (OUT_PROJ,),
+    "mlp.c_fc": (FC1,),
+    "mlp.c_proj": (FC2,),
 }
 OUR_TO_GPT2 = {ours: (gpt2, i) for gpt2, parts in LAYER_MAP.items() for i, ours in enumerate(parts)}
 EMBEDDING = "wte"  # GPT-2's token embedding, our tok_emb: PEFT names its factors lora_embedding_A/B
@@ -82,7 +84,7 @@ def save_peft_adapter(
     name = name or ad.active_adapter(model)
     ad.check_adapter(model, name)
     ad.check_unmerged(model)
-    layers = ad.adapter_parts(model, name, LinearWithLoRA)
+    layers = ad.adapter_parts(model, name, LoRAWrapper)
     rule = _one_scaling_rule(layers)
     tensors, ranks, alphas = {}, {}, {}
     for module, parts in _gpt2_modules(layers).items():
@@ -98,16 +100,17 @@ def save_peft_adapter(
     head = _exported_head(model, name, ad.as_names(modules_to_save), drop_head_bias)
     if head is not None:
         tensors[f"{PREFIX}score.weight"] = head
-    dropouts = [lora.dropout.p for lora in layers.values() if isinstance(lora.dropout, nn.Dropout)]
+    dropouts = [lora.config.dropout for lora in layers.values()]
     if EMBEDDING in ranks and head is None and model.cfg.tie_weights:
         warnings.warn(TIED_EMBEDDING, UserWarning, stacklevel=2)
     config = _peft_config(ranks, alphas, rule, head is not None, max(dropouts, default=0.0))
     config["base_model_name_or_path"] = base_model_name_or_path
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(directory / PEFT_WEIGHTS_FILE))
-    (directory / ad.CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    with atomic_write(directory / PEFT_WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    with atomic_write(directory / PEFT_CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
     return directory
 
 
@@ -261,7 +264,7 @@ def load_peft_adapter(model: nn.Module, directory: str | Path, name: str = "defa
     it active. A PEFT file records no fingerprint, so the base cannot be checked: load it onto
     the GPT-2 weights it was trained on. Raises PeftFormatError for what does not map exactly."""
     directory = Path(directory)
-    path = directory / ad.CONFIG_FILE
+    path = directory / PEFT_CONFIG_FILE
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -460,7 +463,8 @@ def _attach(
     """Add adapter ``name`` with the given per-layer factors (and head), all or nothing."""
     with ad.all_or_nothing(model, name):
         for layer_name, (a, b, rank, alpha) in updates.items():
-            lora = add_lora(model, [layer_name], name, rank, alpha, rule, dropout)[layer_name]
+            config = LoRAConfig(rank, alpha, scaling=rule, dropout=dropout, targets=layer_name)
+            lora = add_lora(model, [layer_name], name, config)[layer_name]
             _copy(lora.A, a, f"{layer_name} A")
             _copy(lora.B, b, f"{layer_name} B")
         if head is not None:

@@ -14,6 +14,7 @@ import tiktoken
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from .checkpoints import Saving, load_checkpoint, read_checkpoint_metadata
 from .data import NextTokenDataset, load_text, sms_pretraining_texts, sms_spam_split
 from .downloads import DownloadError
 from .fast import adamw
@@ -22,7 +23,7 @@ from .model import GPTModel, gpt_config
 from .params import count_parameters
 from .settings import artifacts_dir, display_path, is_quick
 from .tokenizer import END_OF_TEXT, get_tokenizer
-from .train import History, cosine_schedule, load_checkpoint, read_checkpoint_metadata, train
+from .train import History, Schedule, cosine_schedule, train
 
 
 @dataclass(frozen=True)
@@ -204,13 +205,17 @@ def run_pretraining(
         DataLoader(both, batch_size=recipe.batch_size),
         optimizer,
         device,
-        max_steps=recipe.max_steps,
-        eval_every=recipe.eval_every,
-        lr_schedule=cosine_schedule(recipe.max_steps, recipe.warmup_steps),
-        checkpoint_path=base_checkpoint_path(recipe),
-        checkpoint_metadata={"recipe": asdict(recipe)},
-        resume_path=resume_checkpoint_path(recipe),
-        save_every=save_every or max(recipe.eval_every, recipe.max_steps // 10),
+        Schedule(
+            recipe.max_steps,
+            recipe.eval_every,
+            lr_schedule=cosine_schedule(recipe.max_steps, recipe.warmup_steps),
+        ),
+        saving=Saving(
+            checkpoint_path=base_checkpoint_path(recipe),
+            checkpoint_metadata={"recipe": asdict(recipe)},
+            resume_path=resume_checkpoint_path(recipe),
+            save_every=save_every or max(recipe.eval_every, recipe.max_steps // 10),
+        ),
     )
 
 

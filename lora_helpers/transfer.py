@@ -21,7 +21,7 @@ from .fast import adamw
 from .finetune import FinetuneRecipe, accuracy_on_test, classification_loss, prepare_variant
 from .model import GPTModel
 from .settings import is_quick
-from .train import train
+from .train import Schedule, train
 
 # What trains in each method: notebook 06's variant and LoRA targets.
 METHODS: dict[str, tuple[str, str | tuple[str, ...]]] = {
@@ -95,10 +95,10 @@ def transfer_run(
     """Fine-tune a copy of ``base`` with ``method`` for ``steps`` steps on ``split["train"]``;
     the accuracy on the test split and on its unseen messages."""
     variant, targets = METHODS[method]
-    model = prepare_variant(base, variant, dataclasses.replace(recipe, lora_targets=targets))
+    model = prepare_variant(base, variant, recipe.with_lora_targets(targets))
     model = model.to(device)
     loaders = message_loaders(
-        split, tokenizer, recipe.batch_size, base.cfg.context_length, seed=recipe.seed
+        split, tokenizer, recipe.batch_size, base.cfg.context_length, device, recipe.seed
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = adamw(params, recipe.learning_rate(variant), recipe.weight_decay, device)
@@ -108,9 +108,7 @@ def transfer_run(
         loaders["validation"],
         optimizer,
         device,
-        max_steps=steps,
-        eval_every=steps,
-        eval_batches=1,  # the history is not used: keep the one evaluation short
+        Schedule(steps, steps, eval_batches=1),  # the history is unused: one short evaluation
         loss_fn=classification_loss,
         progress=False,
     )

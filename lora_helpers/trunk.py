@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import PAD_ID, MessageDataset
-from .fast import autocast_for
-from .model import GPTModel, at_positions
+from .device import capabilities
+from .model import GPTModel, at_positions, eval_mode
 
 HEAD_ONLY = -1  # the cut point when only the head trains: cache the final-norm output
 
@@ -83,22 +83,21 @@ def cache_features(
     model: GPTModel, dataset: MessageDataset, device: torch.device, cut: int, batch_size: int = 64
 ) -> CachedFeatures:
     """Run the frozen part once over ``dataset``'s messages, in batches of similar length."""
-    was_training = model.training
-    model.eval()
+    caps = capabilities(device)
     lengths = [len(ids) for ids in dataset.ids]
     by_length = sorted(range(len(lengths)), key=lengths.__getitem__)
     features: list[torch.Tensor] = [None] * len(lengths)  # type: ignore[list-item]
-    for start in range(0, len(by_length), batch_size):
-        rows = by_length[start : start + batch_size]
-        input_ids = torch.full((len(rows), lengths[rows[-1]]), PAD_ID, dtype=torch.long)
-        for r, i in enumerate(rows):
-            input_ids[r, : lengths[i]] = torch.tensor(dataset.ids[i])
-        with autocast_for(device):
-            hidden = trunk_features(model, input_ids.to(device), cut).float()
-        for r, i in enumerate(rows):
-            n = lengths[i]
-            features[i] = (hidden[r, n - 1] if cut == HEAD_ONLY else hidden[r, :n]).clone()
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(by_length), batch_size):
+            rows = by_length[start : start + batch_size]
+            input_ids = torch.full((len(rows), lengths[rows[-1]]), PAD_ID, dtype=torch.long)
+            for r, i in enumerate(rows):
+                input_ids[r, : lengths[i]] = torch.tensor(dataset.ids[i])
+            with caps.autocast():
+                hidden = trunk_features(model, input_ids.to(device), cut).float()
+            for r, i in enumerate(rows):
+                n = lengths[i]
+                features[i] = (hidden[r, n - 1] if cut == HEAD_ONLY else hidden[r, :n]).clone()
     return CachedFeatures(features, list(dataset.labels))
 
 
@@ -116,10 +115,9 @@ def collate_features(batch: list[tuple[torch.Tensor, int]], multiple: int = 1):
     return hidden, lengths, labels
 
 
-def cached_loader(loader: DataLoader, features: CachedFeatures) -> DataLoader:
+def cached_loader(loader: DataLoader, features: CachedFeatures, multiple: int) -> DataLoader:
     """A loader of ``features`` with ``loader``'s own batch sampler (the same batches in the
-    same order; reseeding its generator reseeds both) and its padding multiple."""
-    multiple = getattr(loader.collate_fn, "keywords", {}).get("multiple", 1)
+    same order; reseeding its generator reseeds both), padded to a ``multiple``."""
     collate = lambda batch: collate_features(batch, multiple)  # noqa: E731
     return DataLoader(features, batch_sampler=loader.batch_sampler, collate_fn=collate)
 
@@ -127,9 +125,11 @@ def cached_loader(loader: DataLoader, features: CachedFeatures) -> DataLoader:
 def cached_loaders(
     model: GPTModel, loaders: dict[str, DataLoader], device: torch.device, cut: int
 ) -> dict[str, DataLoader]:
-    """``loaders`` (of MessageDatasets) as loaders of the frozen part's cached features."""
+    """``loaders`` (of MessageDatasets) as loaders of the frozen part's cached features, padded
+    as the device pads (``capabilities(device).pad_multiple``, as ``data.message_loaders``)."""
+    multiple = capabilities(device).pad_multiple
     return {
-        name: cached_loader(loader, cache_features(model, loader.dataset, device, cut))
+        name: cached_loader(loader, cache_features(model, loader.dataset, device, cut), multiple)
         for name, loader in loaders.items()
     }
 
@@ -161,12 +161,11 @@ def cached_loss(
 @torch.no_grad()
 def cached_accuracy(model: GPTModel, loader: DataLoader, device: torch.device, cut: int) -> float:
     """Share of correctly classified messages of a cached loader."""
-    was_training = model.training
-    model.eval()
+    caps = capabilities(device)
     predictions, truth = [], []
-    for batch in loader:
-        with autocast_for(device):
-            predictions.append(top_logits(model, batch, device, cut).argmax(dim=-1).cpu())
-        truth.append(batch[-1])
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in loader:
+            with caps.autocast():
+                predictions.append(top_logits(model, batch, device, cut).argmax(dim=-1).cpu())
+            truth.append(batch[-1])
     return (torch.cat(predictions) == torch.cat(truth)).float().mean().item()

@@ -6,9 +6,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_helpers import adapter_files as af
 from lora_helpers import adapters as ad
 from lora_helpers.downloads import sha256_of
-from lora_helpers.lora import LinearWithLoRA, add_lora, apply_lora, lora_layers, merge_lora
+from lora_helpers.lora import LinearWithLoRA, LoRAConfig
+from lora_helpers.lora_model import add_lora, apply_lora, lora_layers, merge_lora
 from lora_helpers.model import GPTModel, gpt_config
 
 IDX = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -41,14 +43,12 @@ def base():
 def two_adapters(base):
     """'chat': rank 2 on attention, vocabulary head; 'spam': rank 4 on all blocks + 2-class head."""
     model = copy.deepcopy(base)
-    ad.add_adapter(model, "chat", rank=2, alpha=4, targets="attention")
+    ad.add_adapter(model, "chat", LoRAConfig(rank=2, alpha=4, targets="attention"))
     randomise(model, "chat")
     ad.add_adapter(
         model,
         "spam",
-        rank=4,
-        alpha=4,
-        targets="blocks",
+        LoRAConfig(rank=4, alpha=4, targets="blocks"),
         modules_to_save={"out_head": nn.Linear(64, 2)},
     )
     randomise(model, "spam")
@@ -59,15 +59,15 @@ def test_save_and_load_round_trip_gives_identical_outputs(base, two_adapters, tm
     for name in ("chat", "spam"):
         ad.set_adapter(two_adapters, name)
         expected = two_adapters(IDX)
-        ad.save_adapter(two_adapters, tmp_path / name)
+        af.save_adapter(two_adapters, tmp_path / name)
         fresh = copy.deepcopy(base)
-        ad.load_adapter(fresh, tmp_path / name, name="loaded")
+        af.load_adapter(fresh, tmp_path / name, name="loaded")
         torch.testing.assert_close(fresh.eval()(IDX), expected, rtol=0, atol=1e-6)
 
 
 def test_config_describes_the_adapter_and_its_base(base, two_adapters, tmp_path):
-    ad.save_adapter(two_adapters, tmp_path / "spam", name="spam")
-    config = json.loads((tmp_path / "spam" / ad.CONFIG_FILE).read_text())
+    af.save_adapter(two_adapters, tmp_path / "spam", name="spam")
+    config = json.loads((tmp_path / "spam" / af.CONFIG_FILE).read_text())
     assert (config["rank"], config["alpha"], config["scaling"], config["init"]) == (
         4,
         4,
@@ -79,9 +79,9 @@ def test_config_describes_the_adapter_and_its_base(base, two_adapters, tmp_path)
         "out_head": {"type": "Linear", "in_features": 64, "out_features": 2, "bias": True}
     }
     assert config["base"]["architecture"]["n_layers"] == 2
-    assert config["base"]["fingerprint"] == ad.base_fingerprint(base, exclude=["out_head"])
+    assert config["base"]["fingerprint"] == af.base_fingerprint(base, exclude=["out_head"])
     assert config["library"]["name"] == "lora_helpers"
-    assert set(load_file(str(tmp_path / "spam" / ad.WEIGHTS_FILE))) >= {
+    assert set(load_file(str(tmp_path / "spam" / af.WEIGHTS_FILE))) >= {
         "trf_blocks.0.att.W_query.lora.A",
         "trf_blocks.1.ff.fc2.lora.B",
         "out_head.weight",
@@ -91,42 +91,42 @@ def test_config_describes_the_adapter_and_its_base(base, two_adapters, tmp_path)
 def test_adapter_trained_as_in_notebook_06_loads_onto_the_plain_base(base, tmp_path):
     model = copy.deepcopy(base)
     model.out_head = nn.Linear(64, 2)  # the classifier head, replaced in place
-    apply_lora(model, rank=4, alpha=4, targets="blocks", also_train=["out_head"])
+    apply_lora(model, LoRAConfig(rank=4, alpha=4, targets="blocks"), also_train=["out_head"])
     randomise(model, "default")
     expected = model(IDX)
-    ad.save_adapter(model, tmp_path / "clf", modules_to_save=["out_head"])
+    af.save_adapter(model, tmp_path / "clf", modules_to_save=["out_head"])
     fresh = copy.deepcopy(base)
-    ad.load_adapter(fresh, tmp_path / "clf")
+    af.load_adapter(fresh, tmp_path / "clf")
     torch.testing.assert_close(fresh(IDX), expected, rtol=0, atol=1e-6)
 
 
 def test_wrong_base_is_refused_with_what_differs(two_adapters, tmp_path):
-    ad.save_adapter(two_adapters, tmp_path / "spam", name="spam")
-    with pytest.raises(ad.AdapterMismatchError, match="n_layers: adapter's base 2 vs model 3"):
-        ad.load_adapter(make_base(n_layers=3), tmp_path / "spam")
+    af.save_adapter(two_adapters, tmp_path / "spam", name="spam")
+    with pytest.raises(af.AdapterMismatchError, match="n_layers: adapter's base 2 vs model 3"):
+        af.load_adapter(make_base(n_layers=3), tmp_path / "spam")
     other_weights = make_base(seed=1)
-    with pytest.raises(ad.AdapterMismatchError, match="weights differ"):
-        ad.load_adapter(other_weights, tmp_path / "spam")
+    with pytest.raises(af.AdapterMismatchError, match="weights differ"):
+        af.load_adapter(other_weights, tmp_path / "spam")
     assert ad.adapter_names(other_weights) == []  # nothing was added
-    config_path = tmp_path / "spam" / ad.CONFIG_FILE
+    config_path = tmp_path / "spam" / af.CONFIG_FILE
     config = json.loads(config_path.read_text())
     config["targets"].append("trf_blocks.7.att.W_query")
     config_path.write_text(json.dumps(config))
     _record_checksum(tmp_path / "spam")  # a consistent adapter of a deeper model
-    with pytest.raises(ad.AdapterMismatchError, match="trf_blocks.7.att.W_query"):
-        ad.load_adapter(make_base(), tmp_path / "spam")
+    with pytest.raises(af.AdapterMismatchError, match="trf_blocks.7.att.W_query"):
+        af.load_adapter(make_base(), tmp_path / "spam")
 
 
 def _record_checksum(directory):
-    config = json.loads((directory / ad.CONFIG_FILE).read_text())
-    config["sha256"] = ad.adapter_sha256(directory / ad.WEIGHTS_FILE, config)
-    (directory / ad.CONFIG_FILE).write_text(json.dumps(config))
+    config = json.loads((directory / af.CONFIG_FILE).read_text())
+    config["sha256"] = af.adapter_sha256(directory / af.WEIGHTS_FILE, config)
+    (directory / af.CONFIG_FILE).write_text(json.dumps(config))
 
 
 @pytest.mark.parametrize("change", ["missing", "extra"])
 def test_missing_or_extra_tensors_are_errors(base, two_adapters, tmp_path, change):
-    ad.save_adapter(two_adapters, tmp_path / "chat", name="chat")
-    path = tmp_path / "chat" / ad.WEIGHTS_FILE
+    af.save_adapter(two_adapters, tmp_path / "chat", name="chat")
+    path = tmp_path / "chat" / af.WEIGHTS_FILE
     tensors = load_file(str(path))
     if change == "missing":
         del tensors["trf_blocks.1.att.W_key.lora.B"]
@@ -136,9 +136,9 @@ def test_missing_or_extra_tensors_are_errors(base, two_adapters, tmp_path, chang
     _record_checksum(tmp_path / "chat")  # a consistent file from another adapter, not a corrupt one
     fresh = copy.deepcopy(base)
     with pytest.raises(
-        ad.AdapterMismatchError, match="W_key.lora.B" if change == "missing" else "fc1"
+        af.AdapterMismatchError, match="W_key.lora.B" if change == "missing" else "fc1"
     ):
-        ad.load_adapter(fresh, tmp_path / "chat")
+        af.load_adapter(fresh, tmp_path / "chat")
     assert ad.adapter_names(fresh) == [] and not lora_layers(fresh)
 
 
@@ -216,26 +216,26 @@ def test_merge_and_unload_refuses_non_finite_and_changes_nothing(two_adapters):
 
 def test_olora_adapter_round_trip_and_unload(base, tmp_path):
     model = copy.deepcopy(base)
-    ad.add_adapter(model, "o", rank=4, alpha=8, targets="attention", init="olora")
+    ad.add_adapter(model, "o", LoRAConfig(rank=4, alpha=8, targets="attention", init="olora"))
     torch.testing.assert_close(model(IDX), base(IDX), rtol=0, atol=1e-5)  # starts unchanged
     randomise(model, "o")
     expected = model(IDX)
-    ad.save_adapter(model, tmp_path / "o")
+    af.save_adapter(model, tmp_path / "o")
     fresh = copy.deepcopy(base)
-    ad.load_adapter(fresh, tmp_path / "o")
+    af.load_adapter(fresh, tmp_path / "o")
     torch.testing.assert_close(fresh(IDX), expected, rtol=0, atol=1e-6)
     assert torch.equal(ad.unload(fresh)(IDX), base(IDX))
 
 
 def test_misuse_is_refused(two_adapters, tmp_path):
     with pytest.raises(ValueError, match="already has an adapter named 'chat'"):
-        ad.add_adapter(two_adapters, "chat", rank=2, alpha=2, targets="fc1")
-    with pytest.raises(ad.AdapterLoadError, match="adapter_config.json is missing"):
-        ad.load_adapter(two_adapters, tmp_path / "nothing")
+        ad.add_adapter(two_adapters, "chat", LoRAConfig(rank=2, alpha=2, targets="fc1"))
+    with pytest.raises(af.AdapterLoadError, match="adapter_config.json is missing"):
+        af.load_adapter(two_adapters, tmp_path / "nothing")
     ad.set_adapter(two_adapters, "chat")
     merge_lora(two_adapters)
     with pytest.raises(RuntimeError, match="unmerge"):
-        ad.save_adapter(two_adapters, tmp_path / "x")
+        af.save_adapter(two_adapters, tmp_path / "x")
     with pytest.raises(RuntimeError, match="unmerge"):
         ad.set_adapter(two_adapters, "spam")
     with pytest.raises(RuntimeError, match="unmerge"), ad.disable_adapters(two_adapters):
@@ -244,7 +244,7 @@ def test_misuse_is_refused(two_adapters, tmp_path):
 
 def test_a_merged_adapter_cannot_be_deleted_but_another_can(two_adapters):
     ad.set_adapter(two_adapters, "spam")
-    ad.add_adapter(two_adapters, "extra", rank=2, alpha=2, targets="fc1")
+    ad.add_adapter(two_adapters, "extra", LoRAConfig(rank=2, alpha=2, targets="fc1"))
     ad.set_adapter(two_adapters, "chat")
     merge_lora(two_adapters)
     with pytest.raises(RuntimeError, match="'chat' is merged into the weights: unmerge_lora"):
@@ -259,14 +259,16 @@ def test_a_merged_adapter_cannot_be_deleted_but_another_can(two_adapters):
 def test_adapter_with_an_embedding_update_round_trips(base, tmp_path):
     model = copy.deepcopy(base)
     model.out_head = nn.Linear(64, 2)
-    apply_lora(model, rank=4, alpha=4, targets=["blocks", "tok_emb"], also_train=["out_head"])
+    apply_lora(
+        model, LoRAConfig(rank=4, alpha=4, targets=["blocks", "tok_emb"]), also_train=["out_head"]
+    )
     with torch.no_grad():
         model.tok_emb.lora.A.normal_(std=0.1)
     randomise(model, "default")
     expected = model(IDX)
-    ad.save_adapter(model, tmp_path / "clf", modules_to_save=["out_head"])
+    af.save_adapter(model, tmp_path / "clf", modules_to_save=["out_head"])
     fresh = copy.deepcopy(base)  # its head is tied to the table: the update still loads
-    ad.load_adapter(fresh, tmp_path / "clf")
+    af.load_adapter(fresh, tmp_path / "clf")
     torch.testing.assert_close(fresh(IDX), expected, rtol=0, atol=1e-6)
     with ad.disable_adapters(fresh):
         torch.testing.assert_close(fresh(IDX), base(IDX), rtol=0, atol=0)
@@ -276,7 +278,7 @@ def test_adapter_with_an_embedding_update_round_trips(base, tmp_path):
 def merged(base):
     """The base with an untrained adapter 'old' merged in: its weights are still the base's."""
     model = copy.deepcopy(base)
-    ad.add_adapter(model, "old", rank=2, alpha=2, targets="attention")
+    ad.add_adapter(model, "old", LoRAConfig(rank=2, alpha=2, targets="attention"))
     merge_lora(model)
     return model
 
@@ -285,20 +287,20 @@ def test_a_load_onto_a_merged_model_is_refused_and_changes_nothing(
     base, merged, tmp_path, unchanged
 ):
     fresh = copy.deepcopy(base)
-    ad.add_adapter(fresh, "new", rank=2, alpha=2, targets="blocks")
-    ad.save_adapter(fresh, tmp_path / "new")
+    ad.add_adapter(fresh, "new", LoRAConfig(rank=2, alpha=2, targets="blocks"))
+    af.save_adapter(fresh, tmp_path / "new")
     check = unchanged(merged)
     with pytest.raises(RuntimeError, match="merged into the weights: unmerge_lora"):
-        ad.load_adapter(merged, tmp_path / "new", name="new")
+        af.load_adapter(merged, tmp_path / "new", name="new")
     check()
 
 
 def test_a_load_that_fails_half_way_with_any_error_changes_nothing(
     base, two_adapters, tmp_path, monkeypatch, unchanged
 ):
-    ad.save_adapter(two_adapters, tmp_path / "spam", name="spam")
+    af.save_adapter(two_adapters, tmp_path / "spam", name="spam")
     model = copy.deepcopy(base)
-    ad.add_adapter(model, "chat", rank=2, alpha=4, targets="attention")
+    ad.add_adapter(model, "chat", LoRAConfig(rank=2, alpha=4, targets="attention"))
     check = unchanged(model)
 
     def interrupted(*args):  # after every layer was wrapped: Ctrl-C, or any other error
@@ -306,23 +308,23 @@ def test_a_load_that_fails_half_way_with_any_error_changes_nothing(
 
     monkeypatch.setattr(ad, "set_adapter", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ad.load_adapter(model, tmp_path / "spam", name="spam")
+        af.load_adapter(model, tmp_path / "spam", name="spam")
     check()
 
 
 def test_a_loaded_adapter_keeps_a_model_in_eval_mode(base, tmp_path):
     model = copy.deepcopy(base)
-    ad.add_adapter(model, "drop", rank=2, alpha=2, targets="attention", dropout=0.5)
+    ad.add_adapter(model, "drop", LoRAConfig(rank=2, alpha=2, targets="attention", dropout=0.5))
     randomise(model, "drop")
-    ad.save_adapter(model, tmp_path / "drop")
+    af.save_adapter(model, tmp_path / "drop")
     fresh = copy.deepcopy(base).eval()
-    ad.load_adapter(fresh, tmp_path / "drop")
+    af.load_adapter(fresh, tmp_path / "drop")
     assert not any(m.training for m in fresh.modules())
     assert torch.equal(fresh(IDX), fresh(IDX))  # no dropout: deterministic
 
 
 def _edit(directory, **changes):
-    path = directory / ad.CONFIG_FILE
+    path = directory / af.CONFIG_FILE
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
@@ -336,34 +338,34 @@ def _edit(directory, **changes):
     ],
 )
 def test_a_hand_edited_config_is_refused(two_adapters, tmp_path, changes, message):
-    ad.save_adapter(two_adapters, tmp_path / "spam", name="spam")
+    af.save_adapter(two_adapters, tmp_path / "spam", name="spam")
     _edit(tmp_path / "spam", **changes)
-    with pytest.raises(ad.AdapterLoadError, match=message):
-        ad.load_adapter(make_base(), tmp_path / "spam")
+    with pytest.raises(af.AdapterLoadError, match=message):
+        af.load_adapter(make_base(), tmp_path / "spam")
 
 
 def test_an_adapter_saved_before_its_config_had_a_checksum_still_loads(two_adapters, tmp_path):
     """Such a config records the tensor file's sha256 alone (weights_sha256)."""
     ad.set_adapter(two_adapters, "spam")
     expected = two_adapters(IDX)
-    folder = ad.save_adapter(two_adapters, tmp_path / "spam")
-    config = json.loads((folder / ad.CONFIG_FILE).read_text())
-    config["weights_sha256"] = sha256_of(folder / ad.WEIGHTS_FILE)
+    folder = af.save_adapter(two_adapters, tmp_path / "spam")
+    config = json.loads((folder / af.CONFIG_FILE).read_text())
+    config["weights_sha256"] = sha256_of(folder / af.WEIGHTS_FILE)
     del config["sha256"]
-    (folder / ad.CONFIG_FILE).write_text(json.dumps(config))
-    torch.testing.assert_close(ad.load_adapter(make_base(), folder)(IDX), expected)
+    (folder / af.CONFIG_FILE).write_text(json.dumps(config))
+    torch.testing.assert_close(af.load_adapter(make_base(), folder)(IDX), expected)
     _edit(folder, alpha=8)  # no checksum covers it, but the recorded scaling no longer fits
-    with pytest.raises(ad.AdapterLoadError, match="'scaling' is 1.0, but alpha 8"):
-        ad.load_adapter(make_base(), folder)
+    with pytest.raises(af.AdapterLoadError, match="'scaling' is 1.0, but alpha 8"):
+        af.load_adapter(make_base(), folder)
 
 
 def test_an_adapter_whose_layers_differ_in_alpha_is_not_saved(base, tmp_path):
     """adapter_config.json records one alpha: such a file would load with the wrong scaling."""
     model = copy.deepcopy(base)
-    ad.add_adapter(model, "x", rank=2, alpha=4, targets="attention")
-    add_lora(model, ["trf_blocks.1.ff.fc1"], "x", rank=2, alpha=16)
+    ad.add_adapter(model, "x", LoRAConfig(rank=2, alpha=4, targets="attention"))
+    add_lora(model, ["trf_blocks.1.ff.fc1"], "x", LoRAConfig(rank=2, alpha=16))
     with pytest.raises(ValueError, match=r"trf_blocks.0.att.W_query has \(2, 4, .*\['trf_blocks.1"):
-        ad.save_adapter(model, tmp_path / "x", name="x")
+        af.save_adapter(model, tmp_path / "x", name="x")
     assert not (tmp_path / "x").exists()
 
 
@@ -372,26 +374,26 @@ def test_an_adapter_name_must_be_a_non_empty_string_without_dots(
     base, two_adapters, tmp_path, name
 ):
     with pytest.raises(ValueError, match="name must be a non-empty string without '.', got"):
-        ad.add_adapter(copy.deepcopy(base), name, rank=2, alpha=2)
-    ad.save_adapter(two_adapters, tmp_path / "chat", name="chat")
+        ad.add_adapter(copy.deepcopy(base), name, LoRAConfig(rank=2, alpha=2))
+    af.save_adapter(two_adapters, tmp_path / "chat", name="chat")
     fresh = copy.deepcopy(base)
     with pytest.raises(ValueError, match="name must be a non-empty string"):
-        ad.load_adapter(fresh, tmp_path / "chat", name=name)
+        af.load_adapter(fresh, tmp_path / "chat", name=name)
     assert not lora_layers(fresh)
 
 
 def test_one_module_name_as_a_string_is_one_name_not_its_letters(base, tmp_path):
     model = copy.deepcopy(base)
-    ad.add_adapter(model, "x", rank=2, alpha=2, modules_to_save="out_head")
+    ad.add_adapter(model, "x", LoRAConfig(rank=2, alpha=2), modules_to_save="out_head")
     assert isinstance(model.out_head, ad.PerAdapterModule)
     config = json.loads(
-        (ad.save_adapter(model, tmp_path, modules_to_save="out_head") / ad.CONFIG_FILE).read_text()
+        (af.save_adapter(model, tmp_path, modules_to_save="out_head") / af.CONFIG_FILE).read_text()
     )
     assert list(config["modules_to_save"]) == ["out_head"]
-    assert ad.base_fingerprint(base, exclude="out_head") == ad.base_fingerprint(base, ["out_head"])
+    assert af.base_fingerprint(base, exclude="out_head") == af.base_fingerprint(base, ["out_head"])
 
 
 def test_an_adapter_loaded_onto_a_cast_base_is_refused_saying_why(two_adapters, tmp_path):
-    ad.save_adapter(two_adapters, tmp_path / "chat", name="chat")
-    with pytest.raises(ad.AdapterMismatchError, match=r"holds \['torch.bfloat16'\] weights: cast"):
-        ad.load_adapter(make_base().to(torch.bfloat16), tmp_path / "chat")
+    af.save_adapter(two_adapters, tmp_path / "chat", name="chat")
+    with pytest.raises(af.AdapterMismatchError, match=r"holds \['torch.bfloat16'\] weights: cast"):
+        af.load_adapter(make_base().to(torch.bfloat16), tmp_path / "chat")

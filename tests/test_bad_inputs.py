@@ -24,21 +24,23 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_helpers import adapter_files as af
 from lora_helpers import adapters as ad
-from lora_helpers import downloads, finetune, gpt2, pretrain, train
+from lora_helpers import checkpoints, downloads, finetune, gpt2, pretrain, train
+from lora_helpers.checkpoints import CheckpointError
 from lora_helpers.data import MessageDataset, pad_collate
 from lora_helpers.downloads import sha256_of
-from lora_helpers.lora import LinearWithLoRA, apply_lora, lora_layers, replace_linear_with_lora
+from lora_helpers.lora import LinearWithLoRA, LoRAConfig
+from lora_helpers.lora_model import apply_lora, lora_layers, replace_linear_with_lora
 from lora_helpers.model import GPTConfig, GPTModel, gpt_config
 from lora_helpers.tokenizer import get_tokenizer
-from lora_helpers.train import CheckpointError
 
 # --- ranks -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rank", [4, np.int64(4), np.int32(4), torch.tensor(4)])
 def test_any_integral_rank_is_accepted(rank):
-    layer = LinearWithLoRA(nn.Linear(16, 8), rank, alpha=4)
+    layer = LinearWithLoRA(nn.Linear(16, 8), LoRAConfig(rank, alpha=4))
     assert layer.lora.rank == 4 and type(layer.lora.rank) is int
     assert layer.lora.A.shape == (16, 4)
 
@@ -48,12 +50,12 @@ def test_any_integral_rank_is_accepted(rank):
 )
 def test_a_non_integral_or_non_positive_rank_is_refused(rank):
     with pytest.raises(ValueError, match="rank must be a positive integer"):
-        LinearWithLoRA(nn.Linear(16, 8), rank, alpha=4)
+        LinearWithLoRA(nn.Linear(16, 8), LoRAConfig(rank, alpha=4))
 
 
 def test_a_rank_above_min_in_out_is_allowed_with_a_warning():
     with pytest.warns(UserWarning, match="rank=16 is larger than min.*without compressing"):
-        layer = LinearWithLoRA(nn.Linear(768, 2), rank=16, alpha=16)
+        layer = LinearWithLoRA(nn.Linear(768, 2), LoRAConfig(rank=16, alpha=16))
     assert layer.lora.B.shape == (16, 2)
 
 
@@ -71,7 +73,7 @@ def test_the_seeds_recipe_reproduces_its_trainable_count_on_gpt2_124m(rank, expe
 
 def test_olora_refuses_a_rank_above_min_in_out():
     with pytest.raises(ValueError, match="use rank <= 2 with OLoRA"):
-        LinearWithLoRA(nn.Linear(768, 2), rank=16, alpha=16, init="olora")
+        LinearWithLoRA(nn.Linear(768, 2), LoRAConfig(rank=16, alpha=16, init="olora"))
 
 
 def test_our_recommended_targets_need_no_warning():
@@ -79,7 +81,7 @@ def test_our_recommended_targets_need_no_warning():
     model.out_head = nn.Linear(64, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        apply_lora(model, rank=16, alpha=16, targets="blocks", also_train=["out_head"])
+        apply_lora(model, LoRAConfig(rank=16, alpha=16, targets="blocks"), also_train=["out_head"])
 
 
 # --- adapter files: all or nothing -----------------------------------------------------------
@@ -94,18 +96,20 @@ def tiny_base() -> GPTModel:
 def saved_spam(tmp_path):
     """A 'spam' adapter (LoRA on the blocks + a 2-class head) saved from the tiny base."""
     model = tiny_base()
-    ad.add_adapter(model, "spam", rank=2, alpha=2, modules_to_save={"out_head": nn.Linear(64, 2)})
+    ad.add_adapter(
+        model, "spam", LoRAConfig(rank=2, alpha=2), modules_to_save={"out_head": nn.Linear(64, 2)}
+    )
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora.B.normal_()
-    return ad.save_adapter(model, tmp_path / "spam")
+    return af.save_adapter(model, tmp_path / "spam")
 
 
 @pytest.fixture
 def carrier():
     """The base, already carrying an active 'chat' adapter: loading must not disturb it."""
     model = tiny_base()
-    ad.add_adapter(model, "chat", rank=2, alpha=2, targets="attention")
+    ad.add_adapter(model, "chat", LoRAConfig(rank=2, alpha=2, targets="attention"))
     return model
 
 
@@ -128,7 +132,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 
 
 def edit_config(directory, **changes):
-    path = directory / ad.CONFIG_FILE
+    path = directory / af.CONFIG_FILE
     config = json.loads(path.read_text()) | changes
     path.write_text(json.dumps({k: v for k, v in config.items() if v is not DROP}))
 
@@ -137,12 +141,12 @@ DROP = object()
 
 
 def truncate(directory):
-    path = directory / ad.WEIGHTS_FILE
+    path = directory / af.WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:100])
 
 
 def flip_last_byte(directory):  # the end of the file is tensor data, not the header
-    path = directory / ad.WEIGHTS_FILE
+    path = directory / af.WEIGHTS_FILE
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
@@ -151,13 +155,13 @@ def flip_last_byte(directory):  # the end of the file is tensor data, not the he
 def record_checksum(directory):
     """Record the checksum of the files as they now are: a consistent adapter that does not
     fit, rather than a corrupt or hand-edited one."""
-    config = json.loads((directory / ad.CONFIG_FILE).read_text())
-    edit_config(directory, sha256=ad.adapter_sha256(directory / ad.WEIGHTS_FILE, config))
+    config = json.loads((directory / af.CONFIG_FILE).read_text())
+    edit_config(directory, sha256=af.adapter_sha256(directory / af.WEIGHTS_FILE, config))
 
 
 def resave(directory, edit):
     """Rewrite the tensors with ``edit`` applied, and record the checksum."""
-    path = directory / ad.WEIGHTS_FILE
+    path = directory / af.WEIGHTS_FILE
     tensors = load_file(str(path))
     edit(tensors)
     save_file(tensors, str(path))
@@ -172,15 +176,15 @@ BAD_ADAPTERS = {
         "adapter.safetensors is not a readable safetensors file",
     ),
     "tensors missing": (
-        lambda d: (d / ad.WEIGHTS_FILE).unlink(),
+        lambda d: (d / af.WEIGHTS_FILE).unlink(),
         "adapter.safetensors is missing: .* holds the adapter's config but not its tensors",
     ),
     "config missing": (
-        lambda d: (d / ad.CONFIG_FILE).unlink(),
+        lambda d: (d / af.CONFIG_FILE).unlink(),
         "adapter_config.json is missing",
     ),
     "invalid JSON": (
-        lambda d: (d / ad.CONFIG_FILE).write_text("{not json"),
+        lambda d: (d / af.CONFIG_FILE).write_text("{not json"),
         "adapter_config.json is not valid JSON",
     ),
     "rank missing": (lambda d: edit_config(d, rank=DROP), "malformed: 'rank' is missing"),
@@ -223,20 +227,20 @@ def test_a_bad_adapter_is_refused_and_leaves_the_model_as_it_was(
     damage, message = BAD_ADAPTERS[case]
     damage(saved_spam)
     before = state(carrier)
-    with pytest.raises(ad.AdapterLoadError, match=message) as err:
-        ad.load_adapter(carrier, saved_spam, name="spam")
+    with pytest.raises(af.AdapterLoadError, match=message) as err:
+        af.load_adapter(carrier, saved_spam, name="spam")
     assert str(saved_spam) in str(err.value)  # names the file or folder
     assert_unchanged(carrier, before)
-    ad.load_adapter(carrier, good, name="spam")  # a good copy loads afterwards
+    af.load_adapter(carrier, good, name="spam")  # a good copy loads afterwards
     assert ad.adapter_names(carrier) == ["chat", "spam"]
 
 
 def test_the_saved_config_records_a_sha256_of_the_tensors_and_its_fields(saved_spam):
-    config = json.loads((saved_spam / ad.CONFIG_FILE).read_text())
-    assert config["sha256"] == ad.adapter_sha256(saved_spam / ad.WEIGHTS_FILE, config)
+    config = json.loads((saved_spam / af.CONFIG_FILE).read_text())
+    assert config["sha256"] == af.adapter_sha256(saved_spam / af.WEIGHTS_FILE, config)
     fields = {k: v for k, v in config.items() if k != "sha256"}
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    digest = sha256(f"{sha256_of(saved_spam / ad.WEIGHTS_FILE)}\n{text}".encode()).hexdigest()
+    digest = sha256(f"{sha256_of(saved_spam / af.WEIGHTS_FILE)}\n{text}".encode()).hexdigest()
     assert config["sha256"] == digest
 
 
@@ -389,11 +393,11 @@ RESUMABLE = pretrain.PretrainRecipe(
 )
 PRETRAIN = """
 import os, sys, torch
-from lora_helpers import pretrain, train
+from lora_helpers import checkpoints, pretrain, train
 from lora_helpers.model import GPTModel, gpt_config
 from lora_helpers.pretrain import PretrainRecipe
 from lora_helpers.tokenizer import get_tokenizer
-from lora_helpers.train import CheckpointError
+from lora_helpers.checkpoints import CheckpointError
 
 recipe, kill_at = {recipe!r}, {kill_at!r}
 if kill_at is not None:  # die at the start of step `kill_at`, as a kill -9 would: no clean-up
@@ -431,7 +435,7 @@ def test_a_killed_pretraining_run_resumes_to_identical_weights(monkeypatch, tmp_
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
     assert killed.returncode == 9, killed.stderr.decode()[-2000:]
     resume = pretrain.resume_checkpoint_path(RESUMABLE)
-    saved = train.read_resume_state(resume)
+    saved = checkpoints.read_resume_state(resume)
     assert saved["step"] == 6 and saved["data"]["in_epoch"] == 2  # in the 2nd epoch
 
     resumed = pretrain_tiny(RESUMABLE)  # run again: continues from step 6
@@ -473,7 +477,7 @@ def test_lora_on_the_embedding_refuses_other_inits_and_dropout(kwargs, shown):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     message = f"LoRA on an embedding takes init='default' and dropout=0 \\(got {shown}"
     with pytest.raises(ValueError, match=message):
-        apply_lora(model, rank=2, alpha=2, targets=["tok_emb", "blocks"], **kwargs)
+        apply_lora(model, LoRAConfig(rank=2, alpha=2, targets=["tok_emb", "blocks"], **kwargs))
     assert not lora_layers(model)  # nothing wrapped: all or nothing
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import finetune_speed as bench
 from benchmarks import levers as lv
-from lora_helpers import fast
+from benchmarks import report
 from lora_helpers import finetune as ft
 from lora_helpers.data import PAD_ID, message_loaders
 from lora_helpers.device import capabilities
@@ -49,22 +49,22 @@ def test_benchmark_writes_one_row_per_variant_with_exactly_the_required_keys(tmp
         assert by["peft-lora"] == layers * 16 * r * d + 2 * d  # fused c_attn, head without bias
     printed = capsys.readouterr().out
     assert "calibration: matmul" in printed and "ours-lora >= 5.0x naive-lora" in printed
-    table = bench.format_markdown(result)
+    table = report.format_markdown(result)
     assert "| ours-lora |" in table and "| calibration: matmul |" in table
     study = [{**rows[1], "variant": "ours-lora"}, {**rows[1], "variant": "without sdpa"}]
-    assert "| without sdpa | " in bench.format_markdown({**result, "lever_study": study})
+    assert "| without sdpa | " in report.format_markdown({**result, "lever_study": study})
 
 
 def test_the_readme_table_is_what_the_committed_results_give():
-    readme = bench.README.read_text()
-    start = readme.index(bench.TABLE_START) + len(bench.TABLE_START)
-    section = readme[start : readme.index(bench.TABLE_END)].strip()
-    assert section == bench.readme_table(), "run: python -m benchmarks.finetune_speed --table"
+    readme = report.README.read_text()
+    start = readme.index(report.TABLE_START) + len(report.TABLE_START)
+    section = readme[start : readme.index(report.TABLE_END)].strip()
+    assert section == report.readme_table(), "run: python -m benchmarks.finetune_speed --table"
 
 
 def test_device_names_become_file_names():
-    assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert bench.slug("cpu") == "cpu"
+    assert report.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert report.slug("cpu") == "cpu"
 
 
 def test_targets_report_the_measured_ratio():
@@ -78,7 +78,8 @@ def test_targets_report_the_measured_ratio():
         row("ours-full", 50, 92, 40),
     ]
     met = {
-        target.split(" examples")[0]: (ok, measured) for target, ok, measured in bench.targets(rows)
+        target.split(" examples")[0]: (ok, measured)
+        for target, ok, measured in report.targets(rows)
     }
     assert met["ours-lora >= 5.0x naive-lora"] == (True, "6.00x, accuracy +1.00 points")
     assert met["ours-lora >= 1.5x peft-lora"] == (None, "not measured")
@@ -134,7 +135,7 @@ def base() -> GPTModel:
 
 
 def test_loaders_pad_as_the_levers_say():
-    loaders = message_loaders(toy_split(), WordTokenizer(), 8, 32, pad_multiple=1)
+    loaders = message_loaders(toy_split(), WordTokenizer(), 8, 32, CPU)
     longest = max(len(ids) for ids in loaders["train"].dataset.ids)
     widths, first = {}, {}
     for name, levers in (("ours", lv.OURS), ("naive", lv.NAIVE)):
@@ -148,7 +149,9 @@ def test_loaders_pad_as_the_levers_say():
     assert torch.equal(first["ours"], first["naive"])  # the same batches
     random_batches = replace(lv.OURS, length_buckets=False)
     unsorted = lv.loaders_for(loaders, random_batches, longest, seed=1)["train"]
-    assert unsorted.batch_sampler.pool_batches == 1
+    assert isinstance(unsorted.batch_sampler, lv.ShuffledBatches)
+    epoch = list(unsorted.batch_sampler)
+    assert len(epoch) == 6 and sorted(i for b in epoch for i in b) == list(range(48))
 
 
 def test_the_naive_head_reads_the_same_logits(base):
@@ -167,7 +170,7 @@ def test_levers_change_how_not_what(base):
     recipe = ft.FinetuneRecipe(epochs=2)
     results = []
     for levers in (lv.NAIVE, lv.OURS):
-        loaders = message_loaders(split, WordTokenizer(), 8, 32, pad_multiple=1)
+        loaders = message_loaders(split, WordTokenizer(), 8, 32, CPU)
         longest = max(len(ids) for ids in loaders["train"].dataset.ids)
         loaders = lv.loaders_for(loaders, levers, longest, recipe.seed)
         model = ft.prepare_variant(base, "lora-r8", recipe)
@@ -217,7 +220,7 @@ def test_bf16_frozen_base_computes_what_autocast_computes(lora_model):
     lengths = torch.tensor([12, 5, 7, 1], device=CUDA)
     model = lora_model.to(CUDA)
     assert capabilities(CUDA).cuda_graphs and capabilities(CUDA).pad_multiple == 16
-    with fast.autocast_for(CUDA, cache_enabled=False):
+    with capabilities(CUDA).autocast(cache_enabled=False):
         before = ft.last_token_logits(model, input_ids, lengths)
         lv.cast_frozen_base(model)
         after = ft.last_token_logits(model, input_ids, lengths)
@@ -228,7 +231,7 @@ def test_step_profile_times_each_phase_and_counts_the_operators(base, tmp_path):
     from benchmarks import step_profile
 
     split = toy_split()
-    loaders = message_loaders(split, WordTokenizer(), 8, 32, pad_multiple=1)
+    loaders = message_loaders(split, WordTokenizer(), 8, 32, CPU)
     batches = list(loaders["train"])
     setups = {
         variant: (ft.prepare_variant(base, variant, ft.FULL_FINETUNE), 1e-3, ft.last_token_logits)

@@ -59,19 +59,16 @@ def test_pretraining_texts_exclude_every_validation_and_test_text():
     assert train_only <= set(texts)
 
 
-def test_pad_collate_rounds_up_to_a_multiple_and_a_minimum_length():
+def test_pad_collate_rounds_up_to_a_multiple_within_the_context():
     batch = [([1, 2, 3], 0), ([4], 1)]
     assert data.pad_collate(batch, multiple=4)[0].shape == (2, 4)
     assert data.pad_collate(batch, multiple=2)[0].shape == (2, 4)
-    assert data.pad_collate(batch, min_length=7)[0].shape == (2, 7)
-    assert data.pad_collate(batch, min_length=7, multiple=4)[0].shape == (2, 8)
-    assert data.pad_collate(batch, min_length=2)[0].shape == (2, 3)  # never shorter than needed
     assert data.pad_collate(batch, multiple=4, max_length=3)[0].shape == (2, 3)  # the context
     assert data.pad_collate(batch, multiple=4, max_length=2)[0].shape == (2, 3)  # never too short
 
 
 def _bucket_epochs(lengths, seed=5, epochs=2, **kwargs):
-    sampler = data.LengthBucketSampler(lengths, batch_size=4, pool_batches=3, seed=seed, **kwargs)
+    sampler = data.LengthBucketSampler(lengths, batch_size=4, seed=seed, **kwargs)
     return sampler, [list(sampler) for _ in range(epochs)]
 
 

@@ -4,8 +4,14 @@ import pytest
 import torch
 
 from lora_helpers import device as device_module
-from lora_helpers.device import PeakMemory, get_device, has_native_bf16, median_ms, resident_mib
-from lora_helpers.fast import autocast_for
+from lora_helpers.device import (
+    PeakMemory,
+    capabilities,
+    get_device,
+    has_native_bf16,
+    median_ms,
+    resident_mib,
+)
 from lora_helpers.train import lm_loss
 
 
@@ -46,7 +52,7 @@ def test_bf16_autocast_only_with_bf16_in_hardware(
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
     assert has_native_bf16(cuda) is native
-    assert isinstance(autocast_for(cuda), torch.autocast) is native
+    assert isinstance(capabilities(cuda).autocast(), torch.autocast) is native
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -57,7 +63,9 @@ def test_on_a_cpu_only_the_language_model_loss_runs_in_bf16(
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cpu = torch.device("cpu")
     assert has_native_bf16(cpu) is native
-    assert not isinstance(autocast_for(cpu), torch.autocast)  # small products: fp32
+    assert not isinstance(capabilities(cpu).autocast(), torch.autocast)  # small products: fp32
+    large = capabilities(cpu).autocast(large_products=True)
+    assert isinstance(large, torch.autocast) is native
     dtypes = []
     tiny_model.out_head.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     idx = torch.randint(0, 1000, (2, 8))

@@ -13,14 +13,16 @@ from torch import distributed as dist
 from torch.utils.data import DataLoader
 
 from lora_helpers import distributed as dd
-from lora_helpers import fast
 from lora_helpers import finetune as ft
+from lora_helpers import train as train_module
+from lora_helpers.checkpoints import Saving
 from lora_helpers.data import LengthBucketSampler, pad_collate
 from lora_helpers.device import capabilities
 from lora_helpers.fast import adamw
-from lora_helpers.lora import apply_lora
+from lora_helpers.lora import LoRAConfig
+from lora_helpers.lora_model import apply_lora
 from lora_helpers.model import GPTModel, gpt_config
-from lora_helpers.train import History, train
+from lora_helpers.train import History, Schedule, train
 
 CPU = torch.device("cpu")
 BATCH, STEPS, EPOCHS = 4, 3, 3
@@ -41,14 +43,14 @@ def messages(n: int = 16) -> list[tuple[list[int], int]]:
 
 def loader(batch_size: int = BATCH) -> DataLoader:
     data = messages()
-    sampler = LengthBucketSampler([len(ids) for ids, _ in data], batch_size, pool_batches=2)
+    sampler = LengthBucketSampler([len(ids) for ids, _ in data], batch_size)
     return DataLoader(data, batch_sampler=sampler, collate_fn=partial(pad_collate, pad_id=0))
 
 
 def lora_classifier() -> GPTModel:
     torch.manual_seed(0)
     model = ft.add_classification_head(GPTModel(gpt_config("scratch-tiny", vocab_size=500)))
-    apply_lora(model, rank=4, alpha=8, targets="blocks", also_train=["out_head"])
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets="blocks"), also_train=["out_head"])
     return model
 
 
@@ -56,18 +58,17 @@ def fit(model, train_loader, loss_fn, checkpoint_path=None) -> History:
     params = [p for p in model.parameters() if p.requires_grad]
     # In fp32: bf16 autocast (on CPUs with bf16 in hardware) would round far above 1e-5.
     fp32 = replace(capabilities(CPU), bf16_large_products=False)
-    with mock.patch.object(fast, "capabilities", return_value=fp32):
+    with mock.patch.object(train_module, "capabilities", return_value=fp32):
         return train(
             model,
             train_loader,
             loader(),
             adamw(params, lr=1e-3, weight_decay=0.01, device=CPU),
             CPU,
-            max_steps=STEPS,
-            eval_every=2,
+            Schedule(max_steps=STEPS, eval_every=2),
             loss_fn=loss_fn,
-            checkpoint_path=checkpoint_path,
             progress=False,
+            saving=Saving(checkpoint_path=checkpoint_path),
         )
 
 
@@ -90,7 +91,7 @@ def finetune_epochs(model, train_loader, loss_fn) -> History:
     """``finetune`` for EPOCHS epochs, measuring the accuracies after each (rank 0 alone)."""
     recipe = ft.FinetuneRecipe(epochs=EPOCHS, batch_size=BATCH)
     fp32 = replace(capabilities(CPU), bf16_large_products=False)  # as in ``fit``
-    with mock.patch.object(fast, "capabilities", return_value=fp32):
+    with mock.patch.object(train_module, "capabilities", return_value=fp32):
         loaders = {"train": train_loader, "validation": loader()}
         return ft.finetune(model, loaders, CPU, recipe, 1e-3, loss_fn, progress=False)
 

@@ -1,9 +1,13 @@
+import dataclasses
+
 import pytest
 import torch
 
+from lora_helpers import data
 from lora_helpers import finetune as ft
+from lora_helpers.checkpoints import Saving
 from lora_helpers.data import PAD_ID, MessageDataset, message_loaders, pad_collate, sms_spam_split
-from lora_helpers.device import resident_mib
+from lora_helpers.device import capabilities, resident_mib
 from lora_helpers.model import GPTModel, MultiHeadAttention, gpt_config
 from lora_helpers.params import count_parameters
 from lora_helpers.tokenizer import get_tokenizer
@@ -31,11 +35,11 @@ def test_message_dataset_truncates_and_maps_labels():
 def test_loaders_sizes_and_seeded_order():
     tokenizer = get_tokenizer()
     split = sms_spam_split()
-    loaders = message_loaders(split, tokenizer, batch_size=8, max_length=256, pad_multiple=1)
+    loaders = message_loaders(split, tokenizer, batch_size=8, max_length=256, device="cpu")
     assert len(loaders["train"]) == 1045 // 8  # drop_last
     assert len(loaders["validation"].dataset) == 149 and len(loaders["test"].dataset) == 300
     first = next(iter(loaders["train"]))[0]
-    again = next(iter(message_loaders(split, tokenizer, 8, 256, pad_multiple=1)["train"]))[0]
+    again = next(iter(message_loaders(split, tokenizer, 8, 256, "cpu")["train"]))[0]
     assert torch.equal(first, again)
     epoch = list(loaders["train"])
     assert sum(len(lengths) for _, lengths, _ in epoch) == 1045 // 8 * 8
@@ -46,15 +50,20 @@ def test_loaders_sizes_and_seeded_order():
     assert batch_ids.shape[1] == lengths.max().item()  # padded to this batch's longest
 
 
-def test_loaders_can_round_lengths_up_for_few_batch_shapes():
+def test_loaders_pad_as_the_training_device_does(monkeypatch):
+    """A device that pads to multiples of 16 (a CUDA GPU, pretended here) gets few batch shapes;
+    the CPU pads each batch to its own longest message."""
+    by_16 = dataclasses.replace(capabilities("cpu"), pad_multiple=16)
+    monkeypatch.setattr(data, "capabilities", lambda device: by_16 if device == "gpu" else None)
     split = sms_spam_split()
-    loaders = message_loaders(split, get_tokenizer(), 8, max_length=40, pad_multiple=16)
+    loaders = message_loaders(split, get_tokenizer(), 8, max_length=40, device="gpu")
     shapes = {ids.shape[1] for ids, lengths, _ in loaders["train"]}
     assert shapes <= {16, 32, 40}  # multiples of 16, but never beyond the context
     for ids, lengths, _ in loaders["test"]:
         assert lengths.max() <= ids.shape[1] < lengths.max() + 16
-    default = message_loaders(split, get_tokenizer(), 8, max_length=256)["test"].collate_fn
-    assert default.keywords["multiple"] == (16 if torch.cuda.is_available() else 1)
+    monkeypatch.undo()
+    for ids, lengths, _ in message_loaders(split, get_tokenizer(), 8, 40, "cpu")["test"]:
+        assert ids.shape[1] == lengths.max()
 
 
 @pytest.mark.parametrize("use_sdpa", [True, False])
@@ -163,7 +172,7 @@ def test_quick_run_of_a_variant_reports_everything(base):
     tokenizer = get_tokenizer()
     recipe = ft.FinetuneRecipe(epochs=2, max_messages=16)
     split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
-    loaders = message_loaders(split, tokenizer, recipe.batch_size, base.cfg.context_length)
+    loaders = message_loaders(split, tokenizer, recipe.batch_size, base.cfg.context_length, "cpu")
     device = torch.device("cpu")
     model, result = ft.run_variant(base, "lora-r8", loaders, split, device, recipe)
     assert result.history.steps == [2, 4]
@@ -201,7 +210,9 @@ def test_results_are_saved_for_later_notebooks(monkeypatch, tmp_path, base):
 def test_runs_on_the_same_loaders_see_the_same_batches(base):
     recipe = ft.FinetuneRecipe(epochs=1, max_messages=16)
     split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
-    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
+    loaders = message_loaders(
+        split, get_tokenizer(), recipe.batch_size, base.cfg.context_length, "cpu"
+    )
     device = torch.device("cpu")
     first = ft.run_variant(base, "lora-r8", loaders, split, device, recipe)[0]
     second = ft.run_variant(base, "lora-r8", loaders, split, device, recipe)[0]
@@ -211,7 +222,7 @@ def test_runs_on_the_same_loaders_see_the_same_batches(base):
 
 def test_by_length_reads_every_message_once_sorted_without_touching_the_shuffle():
     split = ft.shrink_split(sms_spam_split(), 100)
-    loaders = message_loaders(split, get_tokenizer(), 8, 128)
+    loaders = message_loaders(split, get_tokenizer(), 8, 128, "cpu")
     sampler = loaders["train"].batch_sampler
     state = sampler.generator.get_state()
     evaluation = ft.by_length(loaders["train"], batch_size=32)
@@ -230,18 +241,26 @@ def test_by_length_reads_every_message_once_sorted_without_touching_the_shuffle(
 
 
 @pytest.mark.parametrize("variant", ["lora-r8", "head"])  # "head" trains on the cached trunk
-def test_measuring_accuracies_leaves_the_training_batches_as_they_were(base, variant):
+def test_measuring_accuracies_leaves_the_training_batches_as_they_were(base, variant, monkeypatch):
     """The training accuracy reads the training messages in a fixed order: a pass through the
     shuffling loader would draw a shuffle from its generator and change every later epoch."""
     recipe = ft.FinetuneRecipe(epochs=3, max_messages=24)
     split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
-    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
-    device, runs = torch.device("cpu"), {}
+    loaders = message_loaders(
+        split, get_tokenizer(), recipe.batch_size, base.cfg.context_length, "cpu"
+    )
+    device, runs, train = torch.device("cpu"), {}, ft.train
+
+    def without_accuracies(*args, eval_metrics=None, **kwargs):
+        return train(*args, **kwargs)
+
     for accuracies in (False, True):
+        if not accuracies:
+            monkeypatch.setattr(ft, "train", without_accuracies)
         model = ft.prepare_variant(base, variant, recipe)
         lr = recipe.learning_rate(variant)
-        history = ft.finetune(model, loaders, device, recipe, lr, accuracies=accuracies)
-        runs[accuracies] = model, history
+        runs[accuracies] = model, ft.finetune(model, loaders, device, recipe, lr)
+        monkeypatch.undo()
     (plain, h_plain), (measured, h_measured) = runs[False], runs[True]
     assert h_measured.steps == [3, 6, 9] and len(h_measured.metrics) == 3
     assert h_measured.train_loss == h_plain.train_loss
@@ -259,10 +278,12 @@ def test_a_killed_fine_tuning_run_resumes_to_the_same_weights(base, tmp_path, mo
     split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
 
     def run(resume):
-        loaders = message_loaders(split, get_tokenizer(), 8, base.cfg.context_length)
+        loaders = message_loaders(split, get_tokenizer(), 8, base.cfg.context_length, "cpu")
         model = ft.prepare_variant(base, "lora-r8", recipe)
-        ft.finetune(model, loaders, torch.device("cpu"), recipe, 1e-2, resume_path=resume,
-                    save_every=2, progress=False)  # fmt: skip
+        saving = Saving(resume_path=resume, save_every=2)
+        ft.finetune(
+            model, loaders, torch.device("cpu"), recipe, 1e-2, saving=saving, progress=False
+        )
         return model
 
     expected = run(None).state_dict()

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from lora_helpers.model import (
     GPTModel,
     MultiHeadAttention,
+    eval_mode,
     generate,
     gpt_config,
 )
@@ -146,3 +147,12 @@ def test_generation_restores_training_mode(tiny_model):
     tiny_model.train()
     generate(tiny_model, torch.tensor([[1]]), 2)
     assert tiny_model.training
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_switches_dropout_off_and_restores_the_mode_even_on_error(training):
+    model = GPTModel(gpt_config("scratch-tiny", vocab_size=100)).train(training)
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not model.training and not any(m.training for m in model.modules())
+        raise RuntimeError("interrupted")
+    assert all(m.training == training for m in model.modules())

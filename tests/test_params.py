@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_helpers.lora import apply_lora, is_lora_parameter, lora_layers
+from lora_helpers.lora import LoRAConfig
+from lora_helpers.lora_model import apply_lora, is_lora_parameter, lora_layers
 from lora_helpers.model import PRESETS, GPTModel, gpt_config
 from lora_helpers.params import (
     count_parameters,
@@ -71,7 +72,7 @@ def _expected_trainable(model, rank):
 def test_trainable_counts_equal_the_formula(targets, n_layers):
     model = untied_tiny()
     total = count_parameters(model)
-    apply_lora(model, rank=4, alpha=4, targets=targets)
+    apply_lora(model, LoRAConfig(rank=4, alpha=4, targets=targets))
     assert len(lora_layers(model)) == n_layers
     trainable = count_parameters(model, trainable_only=True)
     assert trainable == _expected_trainable(model, 4)
@@ -82,7 +83,7 @@ def test_gpt2_124m_with_a_two_class_head_counts():
     with torch.device("meta"):
         model = GPTModel(gpt_config("gpt2-124M"))
         model.out_head = nn.Linear(768, 2)
-        apply_lora(model, rank=16, alpha=16, targets="blocks", also_train=["out_head"])
+        apply_lora(model, LoRAConfig(rank=16, alpha=16, targets="blocks"), also_train=["out_head"])
     per_block = 16 * (4 * (768 + 768) + (768 + 3072) + (3072 + 768))
     head = 768 * 2 + 2
     assert count_parameters(model, trainable_only=True) == 12 * per_block + head == 2_655_746
@@ -99,14 +100,14 @@ def test_closed_form_lora_counts_match_real_modules(preset, group, rank):
     with torch.device("meta"):
         model = GPTModel(gpt_config(preset))
         model.out_head = nn.Linear(model.cfg.emb_dim, 512)  # untied, wide enough for rank 256
-        apply_lora(model, rank=rank, alpha=rank, targets=group)
+        apply_lora(model, LoRAConfig(rank=rank, alpha=rank, targets=group))
     lora_params = sum(p.numel() for n, p in model.named_parameters() if is_lora_parameter(n))
     assert lora_params == expected_lora_parameters(model.cfg, rank, group, head_out=512)
 
 
 def test_every_parameter_has_a_layer_type_and_the_report_adds_up():
     model = untied_tiny()
-    apply_lora(model, rank=2, alpha=2, targets="attention_qv")
+    apply_lora(model, LoRAConfig(rank=2, alpha=2, targets="attention_qv"))
     kinds = {layer_type(name) for name, _ in model.named_parameters()}
     assert "other" not in kinds and "LoRA" in kinds
     assert layer_type("trf_blocks.0.att.W_query.adapters.default.A") == "LoRA"

@@ -8,11 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_helpers import adapter_files as af
 from lora_helpers import adapters as ad
 from lora_helpers import peft_format as pf
 from lora_helpers.finetune import last_token_logits
 from lora_helpers.gpt2 import load_gpt2_weights
-from lora_helpers.lora import lora_layers, merge_lora
+from lora_helpers.lora import LoRAConfig
+from lora_helpers.lora_model import lora_layers, merge_lora
 from lora_helpers.model import GPTConfig, GPTModel
 
 transformers = pytest.importorskip("transformers")  # test dependencies (requirements-dev)
@@ -89,9 +91,11 @@ def close(actual, expected):
 )
 def test_exported_adapter_gives_peft_our_logits(checkpoint, tmp_path, targets, scaling, init):
     model = ours(checkpoint)
-    ad.add_adapter(model, "x", rank=2, alpha=5, targets=targets, scaling=scaling, init=init)
+    ad.add_adapter(
+        model, "x", LoRAConfig(rank=2, alpha=5, targets=targets, scaling=scaling, init=init)
+    )
     randomise(p for layer in lora_layers(model).values() for p in (layer.adapters["x"].B,))
-    ad.save_adapter(model, tmp_path, format="peft")
+    af.save_adapter(model, tmp_path, format="peft")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] and config["use_rslora"] == (scaling == "rslora")
     hf = peft.PeftModel.from_pretrained(hf_lm(checkpoint), tmp_path).eval()
@@ -104,8 +108,10 @@ def test_fused_c_attn_keeps_the_scaling(checkpoint, tmp_path):
     """q, k, v at rank 2 are c_attn at rank 6: alpha triples (standard), or grows √3 (rsLoRA)."""
     for scaling, alpha in (("standard", 15.0), ("rslora", 5 * 3**0.5)):
         model = ours(checkpoint)
-        ad.add_adapter(model, "x", rank=2, alpha=5, targets="attention", scaling=scaling)
-        ad.save_adapter(model, tmp_path / scaling, format="peft")
+        ad.add_adapter(
+            model, "x", LoRAConfig(rank=2, alpha=5, targets="attention", scaling=scaling)
+        )
+        af.save_adapter(model, tmp_path / scaling, format="peft")
         hf = peft.PeftModel.from_pretrained(hf_lm(checkpoint), tmp_path / scaling)
         c_attn = hf.base_model.model.transformer.h[1].attn.c_attn
         assert c_attn.r["default"] == 6 and c_attn.lora_alpha["default"] == pytest.approx(alpha)
@@ -121,7 +127,7 @@ def test_peft_adapter_imports_with_the_same_logits(checkpoint, tmp_path, use_rsl
     hf = peft.get_peft_model(hf_lm(checkpoint), config).eval()
     randomise(peft_lora_params(hf))
     hf.save_pretrained(tmp_path)
-    model = ad.load_adapter(ours(checkpoint), tmp_path, name="imported")
+    model = af.load_adapter(ours(checkpoint), tmp_path, name="imported")
     assert ad.active_adapter(model) == "imported"
     with torch.no_grad():
         close(model(IDX), hf(IDX).logits)
@@ -129,10 +135,10 @@ def test_peft_adapter_imports_with_the_same_logits(checkpoint, tmp_path, use_rsl
 
 def test_round_trip_gives_back_the_same_adapter(checkpoint, tmp_path):
     model = ours(checkpoint)
-    ad.add_adapter(model, "x", rank=2, alpha=5, targets="blocks")
+    ad.add_adapter(model, "x", LoRAConfig(rank=2, alpha=5, targets="blocks"))
     randomise(our_lora_params(model))
-    ad.save_adapter(model, tmp_path, format="peft")
-    back = ad.load_adapter(ours(checkpoint), tmp_path, name="x")
+    af.save_adapter(model, tmp_path, format="peft")
+    back = af.load_adapter(ours(checkpoint), tmp_path, name="x")
     for layer_name, layer in lora_layers(back).items():
         original = model.get_submodule(layer_name).adapters["x"]
         assert layer.lora.rank == 2 and layer.lora.scaling == pytest.approx(original.scaling)
@@ -143,9 +149,11 @@ def test_classifier_exports_with_score_as_modules_to_save(checkpoint, tmp_path):
     model = ours(checkpoint)
     head = nn.Linear(64, 2)
     nn.init.zeros_(head.bias)  # GPT-2's score has no bias; a zero one maps exactly
-    ad.add_adapter(model, "x", 2, 4, targets="blocks", modules_to_save={"out_head": head})
+    ad.add_adapter(
+        model, "x", LoRAConfig(2, 4, targets="blocks"), modules_to_save={"out_head": head}
+    )
     randomise(our_lora_params(model) + [head.weight])
-    ad.save_adapter(model, tmp_path, format="peft")
+    af.save_adapter(model, tmp_path, format="peft")
     assert "base_model.model.score.weight" in load_file(str(tmp_path / pf.PEFT_WEIGHTS_FILE))
     hf = peft.PeftModel.from_pretrained(hf_classifier(checkpoint), tmp_path).eval()
     with torch.no_grad():
@@ -155,10 +163,12 @@ def test_classifier_exports_with_score_as_modules_to_save(checkpoint, tmp_path):
 def test_head_bias_is_refused_or_dropped_on_request(checkpoint, tmp_path):
     model = ours(checkpoint)
     head = nn.Linear(64, 2)
-    ad.add_adapter(model, "x", 2, 4, targets="attention", modules_to_save={"out_head": head})
+    ad.add_adapter(
+        model, "x", LoRAConfig(2, 4, targets="attention"), modules_to_save={"out_head": head}
+    )
     randomise(our_lora_params(model) + list(head.parameters()))
     with pytest.raises(pf.PeftFormatError, match="non-zero bias.*drop_head_bias=True"):
-        ad.save_adapter(model, tmp_path, format="peft")
+        af.save_adapter(model, tmp_path, format="peft")
     assert not (tmp_path / "adapter_config.json").exists()
     pf.save_peft_adapter(model, tmp_path, drop_head_bias=True)
     hf = peft.PeftModel.from_pretrained(hf_classifier(checkpoint), tmp_path).eval()
@@ -173,7 +183,7 @@ def test_peft_classifier_imports_with_the_same_logits(checkpoint, tmp_path):
     hf = peft.get_peft_model(hf_classifier(checkpoint), config).eval()
     randomise(peft_lora_params(hf))
     hf.save_pretrained(tmp_path)
-    model = ad.load_adapter(ours(checkpoint), tmp_path)
+    model = af.load_adapter(ours(checkpoint), tmp_path)
     assert model.out_head.current().bias is None  # score has none
     with torch.no_grad():
         close(last_token_logits(model, PADDED, LENGTHS), hf(PADDED).logits)
@@ -184,12 +194,12 @@ def test_peft_classifier_imports_with_the_same_logits(checkpoint, tmp_path):
 
 def test_qkv_with_different_ranks_but_one_scaling_map_exactly(checkpoint, tmp_path):
     model = ours(checkpoint)
-    ad.add_adapter(model, "x", rank=2, alpha=5, targets=["W_query", "W_key"])
+    ad.add_adapter(model, "x", LoRAConfig(rank=2, alpha=5, targets=["W_query", "W_key"]))
     key = model.trf_blocks[1].att.W_key
     del key.adapters["x"]
-    key.add_adapter("x", 4, 10)  # scaling 10/4 = 5/2, as the query's
+    key.add_adapter("x", LoRAConfig(4, 10))  # scaling 10/4 = 5/2, as the query's
     randomise(our_lora_params(model))
-    ad.save_adapter(model, tmp_path, format="peft")
+    af.save_adapter(model, tmp_path, format="peft")
     hf = peft.PeftModel.from_pretrained(hf_lm(checkpoint), tmp_path).eval()
     assert hf.base_model.model.transformer.h[1].attn.c_attn.r["default"] == 6
     with torch.no_grad():
@@ -199,27 +209,27 @@ def test_qkv_with_different_ranks_but_one_scaling_map_exactly(checkpoint, tmp_pa
 def test_what_has_no_exact_mapping_is_refused(checkpoint, tmp_path):
     model = ours(checkpoint)
     model.out_head = nn.Linear(64, 2)
-    ad.add_adapter(model, "x", 2, 4, targets=["blocks", "out_head"])
+    ad.add_adapter(model, "x", LoRAConfig(2, 4, targets=["blocks", "out_head"]))
     with pytest.raises(pf.PeftFormatError, match="'out_head' has no PEFT equivalent"):
-        ad.save_adapter(model, tmp_path, format="peft")
+        af.save_adapter(model, tmp_path, format="peft")
     model = ours(checkpoint)
-    ad.add_adapter(model, "x", 2, 4, targets="attention")
+    ad.add_adapter(model, "x", LoRAConfig(2, 4, targets="attention"))
     key = model.trf_blocks[0].att.W_key
     del key.adapters["x"]
-    key.add_adapter("x", 2, 8)
+    key.add_adapter("x", LoRAConfig(2, 8))
     with pytest.raises(pf.PeftFormatError, match="h.0.attn.c_attn: .* different scalings"):
-        ad.save_adapter(model, tmp_path, format="peft")
+        af.save_adapter(model, tmp_path, format="peft")
 
 
 def test_peft_features_we_lack_are_refused(checkpoint, tmp_path):
     model = ours(checkpoint)
-    ad.add_adapter(model, "x", 2, 4, targets="attention")
-    ad.save_adapter(model, tmp_path, format="peft")
+    ad.add_adapter(model, "x", LoRAConfig(2, 4, targets="attention"))
+    af.save_adapter(model, tmp_path, format="peft")
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(pf.PeftFormatError, match="'use_dora': True"):
-        ad.load_adapter(ours(checkpoint), tmp_path)
+        af.load_adapter(ours(checkpoint), tmp_path)
     config_path.write_text(json.dumps(config))
     tensors = load_file(str(tmp_path / pf.PEFT_WEIGHTS_FILE))
     tensors["base_model.model.transformer.wpe.lora_embedding_A"] = torch.zeros(2, 64)
@@ -227,7 +237,7 @@ def test_peft_features_we_lack_are_refused(checkpoint, tmp_path):
     save_file(tensors, str(tmp_path / pf.PEFT_WEIGHTS_FILE))
     target = ours(checkpoint)
     with pytest.raises(pf.PeftFormatError, match="'transformer.wpe' has no equivalent"):
-        ad.load_adapter(target, tmp_path)
+        af.load_adapter(target, tmp_path)
     assert ad.adapter_names(target) == [] and not lora_layers(target)  # nothing was added
 
 
@@ -240,9 +250,11 @@ def test_scratch_base_converts_to_transformers(tmp_path):
     with torch.no_grad():
         close(pf.to_transformers(base)(IDX).logits, base(IDX))
     model = copy.deepcopy(base)
-    ad.add_adapter(model, "x", 2, 4, modules_to_save={"out_head": nn.Linear(64, 2, bias=False)})
+    ad.add_adapter(
+        model, "x", LoRAConfig(2, 4), modules_to_save={"out_head": nn.Linear(64, 2, bias=False)}
+    )
     randomise(our_lora_params(model) + [model.out_head.versions["x"].weight])
-    ad.save_adapter(model, tmp_path, format="peft")
+    af.save_adapter(model, tmp_path, format="peft")
     hf = pf.to_transformers(base, num_labels=2, pad_token_id=PAD)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
     with torch.no_grad():
@@ -255,16 +267,18 @@ def test_classifier_with_an_embedding_update_exports_and_imports_exactly(checkpo
     model = ours(checkpoint)
     head = nn.Linear(64, 2, bias=False)
     targets = ["blocks", "tok_emb"]
-    ad.add_adapter(model, "x", 2, 4, targets=targets, modules_to_save={"out_head": head})
+    ad.add_adapter(
+        model, "x", LoRAConfig(2, 4, targets=targets), modules_to_save={"out_head": head}
+    )
     randomise(our_lora_params(model) + [head.weight])
-    ad.save_adapter(model, tmp_path, format="peft")
+    af.save_adapter(model, tmp_path, format="peft")
     saved = load_file(str(tmp_path / pf.PEFT_WEIGHTS_FILE))
     assert saved["base_model.model.transformer.wte.lora_embedding_A"].shape == (2, 1000)
     hf = peft.PeftModel.from_pretrained(hf_classifier(checkpoint), tmp_path).eval()
     with torch.no_grad():
         ours_logits = last_token_logits(model, PADDED, LENGTHS)
         close(hf(PADDED).logits, ours_logits)
-        back = ad.load_adapter(ours(checkpoint), tmp_path, name="y")
+        back = af.load_adapter(ours(checkpoint), tmp_path, name="y")
         close(last_token_logits(back, PADDED, LENGTHS), ours_logits)
 
 
@@ -282,11 +296,11 @@ def test_a_peft_load_onto_a_merged_model_is_refused_and_changes_nothing(
 ):
     peft_folder(checkpoint, tmp_path)
     model = ours(checkpoint)
-    ad.add_adapter(model, "old", rank=2, alpha=2, targets="attention")
+    ad.add_adapter(model, "old", LoRAConfig(rank=2, alpha=2, targets="attention"))
     merge_lora(model)
     check = unchanged(model)
     with pytest.raises(RuntimeError, match="merged into the weights: unmerge_lora"):
-        ad.load_adapter(model, tmp_path, name="new")
+        af.load_adapter(model, tmp_path, name="new")
     check()
 
 
@@ -295,7 +309,7 @@ def test_a_peft_load_that_fails_half_way_with_any_error_changes_nothing(
 ):
     peft_folder(checkpoint, tmp_path, target_modules=["c_attn", "c_fc"])
     model = ours(checkpoint)
-    ad.add_adapter(model, "chat", rank=2, alpha=2, targets="attention")
+    ad.add_adapter(model, "chat", LoRAConfig(rank=2, alpha=2, targets="attention"))
     check = unchanged(model)
     copy_, calls = pf._copy, []
 
@@ -307,13 +321,13 @@ def test_a_peft_load_that_fails_half_way_with_any_error_changes_nothing(
 
     monkeypatch.setattr(pf, "_copy", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ad.load_adapter(model, tmp_path, name="new")
+        af.load_adapter(model, tmp_path, name="new")
     check()
 
 
 def test_a_peft_adapter_with_dropout_loads_in_the_models_eval_mode(checkpoint, tmp_path):
     peft_folder(checkpoint, tmp_path, lora_dropout=0.5)
-    model = ad.load_adapter(ours(checkpoint), tmp_path)
+    model = af.load_adapter(ours(checkpoint), tmp_path)
     assert not any(m.training for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model(IDX), model(IDX))
@@ -332,11 +346,11 @@ def test_pissa_is_refused_and_its_plain_lora_conversion_loads_exactly(checkpoint
     randomise(peft_lora_params(hf))
     hf.save_pretrained(tmp_path / "pissa")
     with pytest.raises(pf.PeftFormatError, match="init_lora_weights='pissa'.*rewrote the base"):
-        ad.load_adapter(ours(checkpoint), tmp_path / "pissa")
+        af.load_adapter(ours(checkpoint), tmp_path / "pissa")
     converted = tmp_path / "converted"
     hf.save_pretrained(converted, path_initial_model_for_weight_conversion=tmp_path / "start")
     with torch.no_grad():
-        close(ad.load_adapter(ours(checkpoint), converted)(IDX), hf(IDX).logits)
+        close(af.load_adapter(ours(checkpoint), converted)(IDX), hf(IDX).logits)
 
 
 @pytest.mark.parametrize("init", ["olora", "corda", "loftq", "pissa_niter_4"])
@@ -346,14 +360,14 @@ def test_other_inits_that_rewrite_the_base_are_refused(checkpoint, tmp_path, ini
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps(config | {"init_lora_weights": init}))
     with pytest.raises(pf.PeftFormatError, match=f"init_lora_weights='{init}'"):
-        ad.load_adapter(ours(checkpoint), tmp_path)
+        af.load_adapter(ours(checkpoint), tmp_path)
 
 
 def test_layers_to_transform_imports_with_the_same_logits(checkpoint, tmp_path):
     hf = peft_folder(
         checkpoint, tmp_path, target_modules=["c_attn", "c_fc"], layers_to_transform=[1]
     )
-    model = ad.load_adapter(ours(checkpoint), tmp_path)
+    model = af.load_adapter(ours(checkpoint), tmp_path)
     assert {n.split(".", 2)[1] for n in lora_layers(model)} == {"1"}  # block 1 only
     with torch.no_grad():
         close(model(IDX), hf(IDX).logits)
@@ -364,14 +378,14 @@ def test_a_truncated_peft_file_is_refused_naming_it(checkpoint, tmp_path):
     path = tmp_path / pf.PEFT_WEIGHTS_FILE
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(pf.PeftFormatError, match="is not a readable safetensors file") as err:
-        ad.load_adapter(ours(checkpoint), tmp_path)
+        af.load_adapter(ours(checkpoint), tmp_path)
     assert str(path) in str(err.value)
 
 
 def test_peft_to_ours_to_peft_keeps_c_attns_rank(checkpoint, tmp_path):
     hf = peft_folder(checkpoint, tmp_path / "peft", r=4, lora_alpha=8)
-    imported = ad.load_adapter(ours(checkpoint), tmp_path / "peft")
-    ad.save_adapter(imported, tmp_path / "back", format="peft")
+    imported = af.load_adapter(ours(checkpoint), tmp_path / "peft")
+    af.save_adapter(imported, tmp_path / "back", format="peft")
     config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (4, 8, {})
     back = peft.PeftModel.from_pretrained(hf_lm(checkpoint), tmp_path / "back").eval()
@@ -382,10 +396,10 @@ def test_peft_to_ours_to_peft_keeps_c_attns_rank(checkpoint, tmp_path):
 def test_exporting_an_embedding_update_with_a_tied_head_warns(checkpoint, tmp_path):
     """PEFT's merge adds the update to wte, which the tied head shares; unmerged it is exact."""
     model = ours(checkpoint)
-    ad.add_adapter(model, "x", rank=2, alpha=4, targets=["tok_emb", "attention"])
+    ad.add_adapter(model, "x", LoRAConfig(rank=2, alpha=4, targets=["tok_emb", "attention"]))
     randomise(our_lora_params(model))
     with pytest.warns(UserWarning, match="shares with its output head.*merge_and_unload"):
-        ad.save_adapter(model, tmp_path, format="peft")
+        af.save_adapter(model, tmp_path, format="peft")
     hf = peft.PeftModel.from_pretrained(hf_lm(checkpoint), tmp_path).eval()
     with torch.no_grad():
         close(hf(IDX).logits, model(IDX))
@@ -400,7 +414,7 @@ def test_a_peft_config_without_lora_alpha_uses_peft_s_default(checkpoint, tmp_pa
     del config["lora_alpha"]
     config_path.write_text(json.dumps(config))
     with torch.no_grad():
-        close(ad.load_adapter(ours(checkpoint), tmp_path)(IDX), hf(IDX).logits)
+        close(af.load_adapter(ours(checkpoint), tmp_path)(IDX), hf(IDX).logits)
 
 
 @pytest.mark.parametrize(
@@ -418,14 +432,14 @@ def test_lora_factors_of_unmatched_ranks_are_refused(checkpoint, tmp_path, damag
     damage(tensors, "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight")
     save_file(tensors, str(path))
     with pytest.raises(pf.PeftFormatError, match=f"{path}: a LoRA pair is .*{message}"):
-        ad.load_adapter(ours(checkpoint), tmp_path)
+        af.load_adapter(ours(checkpoint), tmp_path)
 
 
 def test_a_peft_adapter_for_another_size_is_refused_naming_the_folder(checkpoint, tmp_path):
     peft_folder(checkpoint, tmp_path)
     small = GPTModel(GPTConfig(**(TINY.to_dict() | {"emb_dim": 32})))
     with pytest.raises(pf.PeftFormatError, match=f"{tmp_path}: .*another GPT-2 size"):
-        ad.load_adapter(small, tmp_path)
+        af.load_adapter(small, tmp_path)
     assert not lora_layers(small)
 
 
@@ -433,4 +447,4 @@ def test_a_peft_config_that_is_not_an_object_is_refused(checkpoint, tmp_path):
     peft_folder(checkpoint, tmp_path)
     (tmp_path / "adapter_config.json").write_text("[]")
     with pytest.raises(pf.PeftFormatError, match="is not a PEFT adapter config"):
-        ad.load_adapter(ours(checkpoint), tmp_path)
+        af.load_adapter(ours(checkpoint), tmp_path)

@@ -5,10 +5,10 @@ import torch
 
 from lora_helpers import pretrain
 from lora_helpers import train as train_module
+from lora_helpers.checkpoints import read_checkpoint_metadata, save_checkpoint
 from lora_helpers.data import sms_pretraining_texts, sms_spam_split
 from lora_helpers.model import GPTModel, gpt_config
 from lora_helpers.tokenizer import END_OF_TEXT, get_tokenizer
-from lora_helpers.train import read_checkpoint_metadata, save_checkpoint
 
 # A few seconds of pretraining on a tiny model: enough to exercise checkpoints and loading.
 TINY_RECIPE = pretrain.PretrainRecipe(

@@ -1,65 +1,20 @@
+import dataclasses
+
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from lora_helpers import train as train_module
-from lora_helpers.data import create_dataloader
-from lora_helpers.model import GPTModel, gpt_config
-from lora_helpers.train import (
+from lora_helpers.checkpoints import (
     CheckpointError,
-    cosine_schedule,
-    evaluate,
+    Saving,
     load_checkpoint,
     read_checkpoint_metadata,
     read_resume_state,
-    save_checkpoint,
-    train,
 )
-
-
-def test_checkpoint_round_trip_gives_identical_logits(tiny_model, tmp_path):
-    path = save_checkpoint(tmp_path / "ckpt.safetensors", tiny_model, step=7, val_loss=1.5)
-    loaded, meta = load_checkpoint(path)
-    loaded.eval()
-    idx = torch.randint(0, 1000, (2, 16))
-    assert torch.equal(loaded(idx), tiny_model(idx))
-    assert meta == {"step": 7, "val_loss": 1.5}
-    assert loaded.out_head.weight is loaded.tok_emb.weight  # tying survives the round trip
-    assert read_checkpoint_metadata(path)["config"]["emb_dim"] == 64
-
-
-def test_loading_into_another_architecture_names_the_difference(tiny_model, tmp_path):
-    path = save_checkpoint(tmp_path / "ckpt.safetensors", tiny_model)
-    other = GPTModel(gpt_config("scratch-tiny", vocab_size=1000, n_layers=3))
-    with pytest.raises(CheckpointError, match="n_layers: checkpoint 2 vs model 3"):
-        load_checkpoint(path, model=other)
-
-
-def test_foreign_or_missing_files_are_clear_errors(tmp_path):
-    foreign = tmp_path / "foreign.safetensors"
-    save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(CheckpointError, match="not a lora_helpers GPT checkpoint"):
-        load_checkpoint(foreign)
-    garbage = tmp_path / "garbage.safetensors"
-    garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
-        load_checkpoint(garbage)
-    with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "missing.safetensors")
-
-
-def test_missing_tensor_is_an_error(tiny_model, tmp_path):
-    path = save_checkpoint(tmp_path / "ckpt.safetensors", tiny_model)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    del tensors["final_norm.scale"]
-    save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(CheckpointError, match="missing \\['final_norm.scale'\\]"):
-        load_checkpoint(path)
+from lora_helpers.data import create_dataloader
+from lora_helpers.device import capabilities
+from lora_helpers.model import GPTModel, gpt_config
+from lora_helpers.train import Schedule, cosine_schedule, evaluate, train
 
 
 def test_cosine_schedule_warms_up_then_decays():
@@ -85,9 +40,8 @@ def test_training_lowers_the_loss_and_saves_the_best(tmp_path):
         val_loader,
         optimizer,
         device,
-        max_steps=40,
-        eval_every=10,
-        checkpoint_path=ckpt,
+        Schedule(max_steps=40, eval_every=10),
+        saving=Saving(checkpoint_path=ckpt),
     )
     assert history.steps == [10, 20, 30, 40]
     assert history.best_val_loss == min(history.val_loss) < before / 4
@@ -113,19 +67,25 @@ def test_no_progress_bar_when_asked(capsys):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = lm_batches(4, (8,))
     cpu = torch.device("cpu")
-    train(model, batches, batches, optimizer, cpu, max_steps=4, eval_every=2, progress=False)
+    train(
+        model, batches, batches, optimizer, cpu, Schedule(max_steps=4, eval_every=2), progress=False
+    )
     assert capsys.readouterr().err == ""
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graphs_train_like_eager_steps_across_batch_shapes():
+def test_cuda_graphs_train_like_eager_steps_across_batch_shapes(monkeypatch):
     cuda, runs = torch.device("cuda"), []
     batches = lm_batches(12, (8, 12, 16))  # three shapes: three graphs
+    eager = dataclasses.replace(capabilities(cuda), cuda_graphs=False)
     for graphs in (False, True):
+        if not graphs:  # the same device, told it has no CUDA graphs
+            monkeypatch.setattr(train_module, "capabilities", lambda device: eager)
         torch.manual_seed(0)
         model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16)).to(cuda)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
-        history = train(model, batches, batches[:3], optimizer, cuda, 24, 6, cuda_graphs=graphs)
+        history = train(model, batches, batches[:3], optimizer, cuda, Schedule(24, 6))
+        monkeypatch.undo()
         runs.append((history, [p.detach().float().cpu() for p in model.parameters()]))
     (eager, eager_params), (graphed, graphed_params) = runs
     assert graphed.train_loss == pytest.approx(eager.train_loss, rel=1e-2)
@@ -171,7 +131,8 @@ def run_four_steps(resume) -> GPTModel:
     model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches, cpu = lm_batches(4, (8,)), torch.device("cpu")
-    train(model, batches, batches, optimizer, cpu, 4, 2, resume_path=resume, progress=False)
+    saving = Saving(resume_path=resume)
+    train(model, batches, batches, optimizer, cpu, Schedule(4, 2), progress=False, saving=saving)
     return model
 
 
@@ -202,6 +163,7 @@ def test_a_completed_run_marks_its_checkpoint_finished(tmp_path):
     model = GPTModel(gpt_config("scratch-tiny", vocab_size=50, context_length=16))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches, path = lm_batches(4, (8,)), tmp_path / "best.safetensors"
-    train(model, batches, batches, optimizer, torch.device("cpu"), 4, 2, checkpoint_path=path)
+    cpu, saving = torch.device("cpu"), Saving(checkpoint_path=path)
+    train(model, batches, batches, optimizer, cpu, Schedule(4, 2), saving=saving)
     meta = read_checkpoint_metadata(path)
     assert meta["finished"] is True and meta["step"] in (2, 4)

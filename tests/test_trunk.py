@@ -20,7 +20,8 @@ def base() -> GPTModel:
 def setting(base):
     recipe = ft.FinetuneRecipe(epochs=2, max_messages=40)
     split = ft.shrink_split(sms_spam_split(), recipe.max_messages)
-    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, base.cfg.context_length)
+    max_length = base.cfg.context_length
+    loaders = message_loaders(split, get_tokenizer(), recipe.batch_size, max_length, CPU)
     return recipe, split, loaders
 
 

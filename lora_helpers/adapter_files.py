@@ -1,0 +1,449 @@
+"""Adapters as files (notebook 08): ``save_adapter`` / ``load_adapter`` for a small safetensors
+file plus a JSON config that records the adapter's settings and which base model it belongs to;
+Hugging Face PEFT's files are read and written by ``peft_format``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .adapters import (
+    PerAdapterModule,
+    active_adapter,
+    adapter_parts,
+    adapter_wrappers,
+    add_adapter,
+    all_or_nothing,
+    as_names,
+    check_adapter,
+    check_new_adapter,
+    check_unmerged,
+)
+from .downloads import sha256_of
+from .files import atomic_write
+from .lora import LoRAConfig, LoRALayer, LoRAWrapper, as_rank, layer_dims, lora_scaling, unwrap
+from .lora_model import lora_state_dict
+from .model import GPTConfig
+from .peft_format import is_peft_adapter, load_peft_adapter, save_peft_adapter
+from .settings import display_path
+
+ADAPTER_FORMAT = "lora_helpers.adapter.v1"
+WEIGHTS_FILE, CONFIG_FILE = "adapter.safetensors", "adapter_config.json"
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter cannot be loaded (files missing, corrupt or malformed, or made for another
+    model); the model was left exactly as it was."""
+
+
+class AdapterMismatchError(AdapterLoadError):
+    """An adapter file does not fit the model it is loaded onto."""
+
+
+def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
+    """sha256 over the base model's parameters (names, dtypes, shapes, values), ignoring adapters
+    and the modules in ``exclude``; the same for a plain base and one carrying adapters."""
+    exclude = tuple(f"{name}." for name in as_names(exclude))
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_base_parameters(model).items()):
+        if name.startswith(exclude):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters of the base under the names they have without adapters."""
+    wrappers = adapter_wrappers(model)
+    base = {}
+    for name, param in model.named_parameters():
+        owner = next((w for w in wrappers if name.startswith(f"{w}.")), None)
+        if owner is None:
+            base[name] = param
+            continue
+        rest = name[len(owner) + 1 :]
+        for inner in ("linear.", "embedding.", "original."):
+            if rest.startswith(inner):
+                base[f"{owner}.{rest[len(inner) :]}"] = param
+    return base
+
+
+def _architecture(model: nn.Module) -> dict:
+    cfg: GPTConfig = model.cfg
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "drop_rate"}
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | Path,
+    name: str | None = None,
+    modules_to_save: str | Iterable[str] = (),
+    format: str = "lora_helpers",
+) -> Path:
+    """Write adapter ``name`` (default: the active one) to ``directory``: its LoRA tensors and
+    the modules it owns (plus any plain ``modules_to_save``, e.g. a new head) in
+    ``adapter.safetensors``, and ``adapter_config.json`` describing it and its base.
+    ``format="peft"``: Hugging Face PEFT's files for transformers' GPT-2 (see peft_format)."""
+    if format == "peft":
+        return save_peft_adapter(model, directory, name, as_names(modules_to_save))
+    if format != "lora_helpers":
+        raise ValueError(f"Unknown adapter format {format!r}; choose 'lora_helpers' or 'peft'.")
+    name = name or active_adapter(model)
+    check_adapter(model, name)
+    check_unmerged(model)
+    layers = adapter_parts(model, name, LoRAWrapper)
+    first = _one_setting(name, layers)
+    owned = {n: model.get_submodule(n) for n in as_names(modules_to_save)}
+    owned |= adapter_parts(model, name, PerAdapterModule)  # its own version, if it has one
+    tensors = lora_state_dict(model, name)
+    for module_name, module in owned.items():
+        tensors |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
+    config = {
+        "format": ADAPTER_FORMAT,
+        "library": {"name": "lora_helpers", "version": __version__},
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "scaling_rule": first.scaling,
+        "scaling": first.factor,
+        "dropout": first.dropout,
+        "init": first.init,
+        "targets": list(layers),
+        "modules_to_save": {n: _describe(m) for n, m in owned.items()},
+        "base": {
+            "architecture": _architecture(model),
+            "fingerprint": base_fingerprint(model, exclude=owned),
+        },
+    }
+    directory = Path(directory)
+    with atomic_write(directory / WEIGHTS_FILE) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        config["sha256"] = adapter_sha256(tmp, config)  # load_adapter refuses a changed byte
+    with atomic_write(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def _one_setting(name: str, layers: dict[str, LoRALayer]) -> LoRAConfig:
+    """The first layer's LoRA configuration, after checking that all share its rank, alpha,
+    scaling rule, dropout and init: adapter_config.json records them once, for every layer."""
+
+    def setting(lora: LoRALayer) -> tuple:
+        c = lora.config
+        return c.rank, c.alpha, c.scaling, c.dropout, c.init
+
+    (first_name, first), *_ = layers.items()
+    if others := [n for n, lora in layers.items() if setting(lora) != setting(first)]:
+        raise ValueError(
+            f"Adapter {name!r} does not use one setting (rank, alpha, scaling rule, dropout, "
+            f"init) for all its layers: {first_name} has {setting(first)}, but {others} differ. "
+            "adapter_config.json records one setting, so the file would load with the wrong "
+            "scaling. Save it with format='peft', which records each layer's rank and alpha."
+        )
+    return first.config
+
+
+def adapter_sha256(weights: str | Path, config: dict) -> str:
+    """sha256 over the tensor file and every field of the config but its checksums: a changed
+    byte, or a field such as ``alpha`` edited by hand, changes it."""
+    fields = {k: v for k, v in config.items() if k not in CHECKSUMS}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{sha256_of(weights)}\n{text}".encode()).hexdigest()
+
+
+def _describe(module: nn.Module) -> dict:
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"Only nn.Linear modules can be saved with an adapter, got {type(module)}")
+    return {
+        "type": "Linear",
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": module.bias is not None,
+    }
+
+
+# Required fields of adapter_config.json and the JSON types they must have.
+CONFIG_FIELDS = {
+    "rank": int,
+    "alpha": (int, float),
+    "scaling_rule": str,
+    "dropout": (int, float),
+    "init": str,
+    "targets": list,
+    "modules_to_save": dict,
+    "base": dict,
+}
+REMEDY = "Save the adapter again with save_adapter(), or restore the folder from a copy."
+# The checksums a config may record: of the tensors and the config's fields (``sha256``), or,
+# in adapters saved before it was recorded, of the tensor file alone (``weights_sha256``).
+CHECKSUMS = ("sha256", "weights_sha256")
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    """The JSON config of a saved adapter, every field checked (AdapterLoadError otherwise)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.exists():
+        raise AdapterLoadError(
+            f"No adapter at {display_path(directory)}: {display_path(path)} is missing. "
+            "Pass the folder save_adapter() wrote."
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{display_path(path)} is not valid JSON ({err}). {REMEDY}") from err
+    if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
+        raise AdapterLoadError(
+            f"{display_path(path)} is not a lora_helpers adapter ({ADAPTER_FORMAT})."
+        )
+    problems = [
+        f"{key!r} is missing"
+        if key not in config
+        else f"{key!r} must be {_json_type(kind)}, got {config[key]!r}"
+        for key, kind in CONFIG_FIELDS.items()
+        if key not in config or not _is(config[key], kind)
+    ]
+    problems += _base_problems(config.get("base"))
+    if not problems:
+        problems += _value_problems(config)
+    if problems:
+        raise AdapterLoadError(
+            f"{display_path(path)} is malformed: {'; '.join(problems)}. {REMEDY}"
+        )
+    return config
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _json_type(kind) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+    return names.get(kind, "a number" if kind == (int, float) else "an object")
+
+
+def _base_problems(base) -> list[str]:
+    if not isinstance(base, dict):
+        return []
+    problems = []
+    if not isinstance(base.get("architecture"), dict):
+        problems.append("'base.architecture' must be an object")
+    if not isinstance(base.get("fingerprint"), str):
+        problems.append("'base.fingerprint' must be a string")
+    return problems
+
+
+def _value_problems(config: dict) -> list[str]:
+    """What is wrong with the values of a config whose fields have the right types."""
+    problems = []
+    try:  # the layer sizes are not known here: add_adapter checks the rank against them
+        LoRAConfig(
+            config["rank"], config["alpha"], config["scaling_rule"], config["dropout"],
+            config["init"],
+        )  # fmt: skip
+    except ValueError as err:
+        problems.append(str(err).rstrip("."))
+    if not problems:
+        problems += _scaling_problems(config)
+    if not config["targets"] or not all(isinstance(t, str) for t in config["targets"]):
+        problems.append("'targets' must be a non-empty list of layer names")
+    for name, module in config["modules_to_save"].items():
+        fields_ok = isinstance(module, dict) and all(
+            _is(module.get(k), int) for k in ("in_features", "out_features")
+        )
+        if not fields_ok or not isinstance(module.get("bias"), bool):
+            problems.append(
+                f"modules_to_save[{name!r}] must give in_features, out_features and bias"
+            )
+    for key in CHECKSUMS:
+        sha = config.get(key)
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
+            problems.append(f"{key!r} must be 64 hex digits, got {sha!r}")
+    return problems
+
+
+def _scaling_problems(config: dict) -> list[str]:
+    """The recorded ``scaling`` must follow from alpha, rank and scaling_rule: a check that
+    also covers adapters saved before the config's fields had a checksum."""
+    scaling = config.get("scaling")
+    implied = lora_scaling(config["alpha"], config["rank"], config["scaling_rule"])
+    if scaling is None or (_is(scaling, (int, float)) and math.isclose(scaling, implied)):
+        return []
+    return [
+        f"'scaling' is {scaling!r}, but alpha {config['alpha']}, rank {config['rank']} and "
+        f"scaling_rule {config['scaling_rule']!r} give {implied} (a field edited by hand?)"
+    ]
+
+
+def read_adapter_tensors(directory: str | Path, config: dict) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, checked against the sha256 its config records."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.exists():
+        raise AdapterLoadError(
+            f"{display_path(path)} is missing: {display_path(directory)} holds the adapter's "
+            f"config but not its tensors. Copy the whole folder. {REMEDY}"
+        )
+    expected = config.get("sha256")
+    if expected is not None and (actual := adapter_sha256(path, config)) != expected:
+        raise AdapterLoadError(
+            f"{display_path(path)} or its {CONFIG_FILE} changed after save_adapter() wrote them: "
+            f"their sha256 is {actual[:12]}…, {CONFIG_FILE} records {expected[:12]}… (a changed, "
+            f"truncated or replaced tensor file, or a field such as alpha edited by hand). {REMEDY}"
+        )
+    legacy = config.get("weights_sha256")  # adapters saved before "sha256" was recorded
+    if expected is None and legacy is not None and (actual := sha256_of(path)) != legacy:
+        raise AdapterLoadError(
+            f"{display_path(path)} is corrupt: its sha256 is {actual[:12]}…, {CONFIG_FILE} records "
+            f"{legacy[:12]}… (a changed, truncated or replaced file). {REMEDY}"
+        )
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for bad files
+        raise AdapterLoadError(
+            f"{display_path(path)} is not a readable safetensors file ({err}). {REMEDY}"
+        ) from err
+
+
+def expected_adapter_tensors(model: nn.Module, config: dict) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the tensors the adapter described by ``config`` has on
+    ``model`` (whose layers are checked to exist by ``_check_base``)."""
+    rank, shapes = as_rank(config["rank"]), {}
+    for target in config["targets"]:
+        in_dim, out_dim = layer_dims(unwrap(model.get_submodule(target)))
+        pairs = [("A", "B"), ("A0", "B0")] if config["init"] == "olora" else [("A", "B")]
+        for a, b in pairs:
+            shapes[f"{target}.lora.{a}"] = (in_dim, rank)
+            shapes[f"{target}.lora.{b}"] = (rank, out_dim)
+    for name, module in config["modules_to_save"].items():
+        shapes[f"{name}.weight"] = (module["out_features"], module["in_features"])
+        if module["bias"]:
+            shapes[f"{name}.bias"] = (module["out_features"],)
+    return shapes
+
+
+def _check_tensors(
+    directory: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]
+) -> None:
+    """Raise AdapterMismatchError unless ``tensors`` are exactly the expected floating-point
+    tensors with the expected shapes."""
+    missing, extra = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing or extra:
+        raise AdapterMismatchError(
+            f"{display_path(directory)} does not hold the tensors its config describes: missing "
+            f"{missing}, unexpected {extra}. The file is incomplete or from another adapter. "
+            f"{REMEDY}"
+        )
+    shown = display_path(directory / WEIGHTS_FILE)
+    for key, shape in expected.items():
+        tensor = tensors[key]
+        if tuple(tensor.shape) != shape:
+            raise AdapterMismatchError(
+                f"{shown}: {key} has shape {tuple(tensor.shape)}, the model expects {shape}. "
+                f"{REMEDY}"
+            )
+        if not tensor.is_floating_point():
+            raise AdapterMismatchError(
+                f"{shown}: {key} has dtype {tensor.dtype}, expected a floating-point tensor. "
+                f"{REMEDY}"
+            )
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> nn.Module:
+    """Add the adapter saved in ``directory`` to ``model`` as ``name`` and make it active.
+
+    All or nothing: the config, the tensors (keys, shapes, dtypes, checksum) and the base
+    (architecture, weights, target layers) are checked before the model is touched; any
+    problem raises AdapterLoadError (AdapterMismatchError for another base; RuntimeError for a
+    model with a merged adapter) and leaves the model exactly as it was. A Hugging Face PEFT
+    adapter for GPT-2 is read by ``peft_format.load_peft_adapter``.
+    """
+    directory = Path(directory)
+    check_new_adapter(model, name)
+    check_unmerged(model)  # the new adapter would become active over merged weights
+    if is_peft_adapter(directory):
+        return load_peft_adapter(model, directory, name)
+    config = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory, config)
+    _check_base(model, config, directory)
+    _check_tensors(directory, tensors, expected_adapter_tensors(model, config))
+    device = next(model.parameters()).device
+    owned = {
+        n: nn.Linear(d["in_features"], d["out_features"], bias=d["bias"], device=device)
+        for n, d in config["modules_to_save"].items()
+    }
+    with all_or_nothing(model, name):
+        _add_loaded(model, name, config, owned, directory)
+        expected = lora_state_dict(model, name)
+        for module_name, module in owned.items():
+            expected |= {f"{module_name}.{k}": v for k, v in module.state_dict().items()}
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key])
+    return model
+
+
+def _add_loaded(
+    model: nn.Module, name: str, config: dict, owned: dict[str, nn.Module], directory: Path
+) -> None:
+    """Add the (still untrained) adapter ``config`` describes, as ``name``."""
+    try:
+        lora = LoRAConfig(
+            config["rank"],
+            config["alpha"],
+            scaling=config["scaling_rule"],
+            dropout=config["dropout"],
+            init=config["init"],
+            targets=tuple(re.escape(t) for t in config["targets"]),
+        )
+        add_adapter(model, name, lora, modules_to_save=owned)
+    except ValueError as err:  # e.g. an OLoRA rank above a layer's size
+        raise AdapterLoadError(f"{display_path(directory)}: {err} {REMEDY}") from err
+
+
+def _check_base(model: nn.Module, config: dict, directory: Path) -> None:
+    """Raise AdapterMismatchError unless ``model`` is the base the adapter was trained on."""
+    shown = display_path(directory)
+    stored, ours = config["base"]["architecture"], _architecture(model)
+    diffs = [
+        f"{k}: adapter's base {stored.get(k)} vs model {ours.get(k)}"
+        for k in sorted(stored.keys() | ours.keys())
+        if stored.get(k) != ours.get(k)
+    ]
+    if diffs:
+        raise AdapterMismatchError(
+            f"The adapter in {shown} was trained on another architecture: "
+            f"{'; '.join(diffs)}. Load it onto the base it was trained on."
+        )
+    layers = {
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding | LoRAWrapper)
+    }
+    missing = [t for t in config["targets"] if t not in layers]
+    if missing:
+        raise AdapterMismatchError(
+            f"The model has no layers named {missing} (targets of the adapter in {shown})."
+        )
+    modules = dict(model.named_modules())
+    if missing := [n for n in config["modules_to_save"] if n not in modules]:
+        raise AdapterMismatchError(
+            f"The model has no modules named {missing} (modules_to_save of {shown})."
+        )
+    fingerprint = base_fingerprint(model, exclude=config["modules_to_save"])
+    if fingerprint != config["base"]["fingerprint"]:
+        dtypes = sorted({str(p.dtype) for p in model.parameters()} - {str(torch.float32)})
+        cast = f" The model holds {dtypes} weights: cast it after loading." if dtypes else ""
+        raise AdapterMismatchError(
+            "The model's weights differ from the base the adapter was trained on (fingerprint "
+            f"{fingerprint[:12]}… vs {config['base']['fingerprint'][:12]}… of the adapter in "
+            f"{shown}). Load the same base checkpoint the adapter was trained on.{cast}"
+        )
