@@ -14,7 +14,7 @@ benchmark's copy of its steps (``benchmarks.levers.own_loop``; the library has n
    recipe also adapts the token embedding, left out here to compare like with like);
 3. ``ours-full``: every weight, the same way;
 4. ``peft-lora``: Hugging Face PEFT LoRA (rank 16, alpha 16) on ``transformers``'
-   GPT2ForSequenceClassification holding the same base weights (``peft_format.to_transformers``)
+   GPT2ForSequenceClassification holding the same base weights (``gpt2.to_transformers``)
    and our head's initial weights, trained with a loss that calls it
    (fused AdamW, bf16 autocast on a CUDA GPU, no CUDA graphs). Like for like: PEFT targets every
    linear layer of the blocks too, ``c_attn``, ``attn.c_proj``, ``c_fc`` and ``mlp.c_proj``,

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from benchmarks.levers import ALPHA, RANK
+from lora_helpers.gpt2 import to_transformers
 from lora_helpers.model import GPTModel
 
 
@@ -23,9 +24,7 @@ def peft_available() -> bool:
 def peft_lora_model(base: GPTModel, head: torch.nn.Linear) -> torch.nn.Module:
     """transformers' GPT-2 classifier holding ``base``'s weights and ``head``'s initial weight,
     with PEFT LoRA on every linear layer of the blocks."""
-    from peft import LoraConfig, get_peft_model
-
-    from lora_helpers.peft_format import to_transformers
+    from peft import LoraConfig, get_peft_model  # optional: the test requirements
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     hf_model = to_transformers(base, num_labels=2)

@@ -13,12 +13,14 @@ explained it:
 - ``lora``: ``LoRAConfig``, the LoRA layer and its linear and embedding wrappers.
 - ``lora_model``: LoRA on a whole model: ``apply_lora`` (targets), freezing and merging.
 - ``adapters``: named adapters on one base: add, switch, disable, delete, merge.
-- ``adapter_files``: adapters saved and loaded (our files, and PEFT's via ``peft_format``).
-- ``peft_format``: adapters in Hugging Face PEFT's format, for ``transformers``' GPT-2.
+- ``adapter_files``: adapters saved and loaded (our files, and PEFT's).
+- ``adapter_config``: what an adapter folder holds, and the checks a loaded one must pass.
+- ``peft_format``: adapters written in Hugging Face PEFT's format, for ``transformers``' GPT-2.
+- ``peft_import``: a PEFT adapter for GPT-2 read into our GPT.
 - ``finetune``: the classifier head and notebook 06's fine-tuning variants.
 - ``transfer``: what pretraining buys: fine-tuning from the base and from random weights.
 - ``pretrain``: the base model's recipe and data, ``load_base_model`` and ``choose_base``.
-- ``gpt2``: OpenAI's GPT-2 weights from the Hugging Face hub, loaded into our GPT.
+- ``gpt2``: OpenAI's GPT-2 weights loaded into our GPT, and our base as ``transformers``' GPT-2.
 - ``distributed``: data-parallel fine-tuning under ``torchrun`` (DDP).
 - ``device``: the device (cuda → mps → cpu), native bf16, peak memory, timing.
 - ``plots``: the figure style, ``save_figure`` and the notebooks' plots.

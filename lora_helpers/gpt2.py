@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .data import PAD_ID
 from .downloads import DownloadError, download_file
+from .lora import AdapterWrapper
 from .model import FC1, FC2, KEY, OUT_PROJ, QUERY, VALUE, GPTConfig, GPTModel, gpt_config
 from .settings import data_dir
 
@@ -246,3 +248,53 @@ def load_gpt2(size: str = "124M", device: str | torch.device = "cpu") -> GPTMode
     path = fetch_gpt2(size)
     model = GPTModel(gpt_config(GPT2_SIZES[size][0]))
     return load_gpt2_weights(model, path).to(device).eval()
+
+
+# --- our base model in transformers ---------------------------------------------------------
+
+
+def gpt2_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """Our plain GPT's weights under transformers' GPT-2 names (``transformer.`` prefix, Conv1D
+    (in, out) layout, q/k/v fused, zero q/k/v biases where ours have none): the inverse of
+    ``load_gpt2_weights``. A vocabulary head is included only if untied."""
+    if any(isinstance(m, AdapterWrapper) for m in model.modules()):
+        raise ValueError(
+            "Convert the plain base model: this one carries adapters (adapters.unload)."
+        )
+    params = dict(model.named_parameters())
+    state = {}
+    for key, targets in gpt2_name_map(model.cfg.n_layers).items():
+        if key.endswith("attn.c_attn.bias") and not model.cfg.qkv_bias:
+            tensor = torch.zeros(3 * model.cfg.emb_dim)
+        else:
+            tensor = torch.cat([params[t].detach() for t in targets])
+        state[f"transformer.{key}"] = tensor.T if key.endswith(CONV1D_WEIGHTS) else tensor
+    if not model.cfg.tie_weights and model.out_head.out_features == model.cfg.vocab_size:
+        state["lm_head.weight"] = model.out_head.weight.detach()
+    return {k: v.cpu().contiguous() for k, v in state.items()}
+
+
+def to_transformers(model: GPTModel, num_labels: int | None = None, pad_token_id: int = PAD_ID):
+    """transformers' GPT2LMHeadModel (or, with ``num_labels``, GPT2ForSequenceClassification,
+    whose new ``score`` is random until an adapter brings one) holding our base's weights, in
+    eval mode on the CPU: the base that our exported PEFT adapters load onto."""
+    import transformers  # optional: pip install transformers
+
+    cfg = model.cfg
+    config = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+        n_layer=cfg.n_layers, n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate,
+        embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate, layer_norm_epsilon=1e-5,
+        activation_function="gelu_new", tie_word_embeddings=cfg.tie_weights,
+        pad_token_id=pad_token_id, bos_token_id=PAD_ID, eos_token_id=PAD_ID,
+    )  # fmt: skip
+    if num_labels is None:
+        hf_model = transformers.GPT2LMHeadModel(config)
+    else:
+        config.num_labels = num_labels
+        hf_model = transformers.GPT2ForSequenceClassification(config)
+    missing, unexpected = hf_model.load_state_dict(gpt2_state_dict(model), strict=False)
+    left = set(missing) - {"lm_head.weight", "score.weight"}
+    if unexpected or left:
+        raise ValueError(f"Weights do not fit: unexpected {unexpected}, missing {sorted(left)}.")
+    return hf_model.eval()

@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from lora_helpers import data
+from lora_helpers.data import MessageDataset, pad_collate
+from lora_helpers.tokenizer import get_tokenizer
 
 
 def test_next_token_windows_are_shifted_by_one():
@@ -103,3 +105,11 @@ def test_length_buckets_group_similar_lengths_and_repeat_under_a_seed():
     assert epochs == _bucket_epochs(lengths)[1]  # same seed, same batches, epoch after epoch
     assert epochs[0] != epochs[1]  # a new order every epoch
     assert epochs[0] != _bucket_epochs(lengths, seed=6)[1][0]
+
+
+def test_the_batch_builders_refuse_an_empty_message():
+    messages = [("ham", "hello"), ("spam", " "), ("ham", "")]
+    with pytest.raises(ValueError, match=r"Messages \[1, 2\] are empty or whitespace-only"):
+        MessageDataset(messages, get_tokenizer(), max_length=16)
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the batch have no tokens"):
+        pad_collate([([1, 2], 0), ([], 1)])

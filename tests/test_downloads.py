@@ -1,8 +1,13 @@
 """Verified downloads: sha256 checks, backup addresses, atomic files, safe zip extraction."""
 
 import hashlib
+import inspect
 import io
+import socket
+import threading
+import time
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -113,3 +118,74 @@ def test_zip_paths_leaving_the_target_folder_are_refused(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         downloads.safe_extract(archive, "file.txt", dest)
     assert not (tmp_path / "evil.txt").exists() and not dest.exists()
+
+
+# --- servers that never answer or never finish -----------------------------------------------
+
+
+@pytest.fixture
+def hanging_server():
+    """An address on 127.0.0.1 that accepts connections (the kernel completes them) but never
+    answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/file.txt"
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """Answers at once, then sends one byte every 0.1 s: never stalls, never finishes."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        for _ in range(1000):
+            self.wfile.write(b"x")
+            self.wfile.flush()
+            time.sleep(0.1)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def trickle_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/file.txt"
+    server.shutdown()
+    server.server_close()
+
+
+def demo_resource(monkeypatch, tmp_path, urls) -> None:
+    monkeypatch.setenv("LORA_DATA_DIR", str(tmp_path / "data"))
+    resource = downloads.Resource(path="demo/file.txt", sha256="0" * 64, urls=tuple(urls))
+    monkeypatch.setitem(downloads.RESOURCES, "demo", resource)
+
+
+def test_a_server_that_never_answers_fails_over_then_gives_a_clear_error(
+    monkeypatch, tmp_path, hanging_server
+):
+    backup = hanging_server.replace("file.txt", "backup.txt")
+    demo_resource(monkeypatch, tmp_path, [hanging_server, backup])
+    with pytest.raises(downloads.DownloadError, match="Could not download 'demo'") as err:
+        downloads.fetch("demo", timeout=0.2)
+    lines = str(err.value).splitlines()
+    assert any(hanging_server in line and "timed out" in line for line in lines)
+    assert any(backup in line and "timed out" in line for line in lines)  # the backup was tried
+    assert "LORA_DATA_DIR" in str(err.value)
+
+
+def test_a_download_that_never_ends_is_cut_at_its_deadline(monkeypatch, tmp_path, trickle_server):
+    demo_resource(monkeypatch, tmp_path, [trickle_server])
+    with pytest.raises(downloads.DownloadError, match="longer than its deadline of 0.5 s"):
+        downloads.fetch("demo", timeout=1.0, deadline=0.5)
+    assert list((tmp_path / "data" / "demo").iterdir()) == []  # no partial file left
+
+
+def test_the_default_timeouts_fail_over_within_20_seconds():
+    """Two addresses that never answer cost 2 x timeout; the resources with most addresses."""
+    timeout = inspect.signature(downloads.fetch).parameters["timeout"].default
+    assert max(len(r.urls) for r in downloads.RESOURCES.values()) * timeout <= 20

@@ -304,3 +304,15 @@ def test_a_killed_fine_tuning_run_resumes_to_the_same_weights(base, tmp_path, mo
     state = run(resume).state_dict()
     assert all(torch.equal(state[k], v) for k, v in expected.items())
     assert not resume.exists()  # deleted once the run completed
+
+
+def tiny_base() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(gpt_config("scratch-tiny", vocab_size=100)).eval()
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t"])
+def test_classify_refuses_an_empty_message(text):
+    model = ft.add_classification_head(tiny_base())
+    with pytest.raises(ValueError, match="empty or whitespace-only message"):
+        ft.classify(model, text, get_tokenizer(), torch.device("cpu"))

@@ -241,3 +241,47 @@ def test_a_missing_weights_file_or_a_config_json_that_is_no_object_is_named(hub_
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(ValueError, match="config.json is not a model config"):
         gpt2.load_gpt2_weights(GPTModel(TINY), hub_file)
+
+
+# --- a config.json next to the weights -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_folder(tmp_path_factory):
+    """A tiny GPT-2 saved by transformers: model.safetensors next to its config.json."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=100, n_positions=64, n_embd=64, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp("gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+GPT2_TINY = dict(vocab_size=100, context_length=64, emb_dim=64, n_heads=2, n_layers=2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("n_heads", 4, "n_head: config.json 2 vs model 4"),  # same shapes: would load silently
+        ("n_layers", 3, "n_layer: config.json 2 vs model 3"),
+        ("context_length", 32, "n_positions: config.json 64 vs model 32"),
+        ("tie_weights", False, "tie_word_embeddings: config.json True vs model False"),
+    ],
+)
+def test_gpt2_weights_whose_config_json_differs_from_the_preset_are_refused(
+    tiny_gpt2_folder, field, value, message
+):
+    cfg = GPTConfig(**(GPT2_TINY | {field: value}), qkv_bias=True)
+    model = GPTModel(cfg)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"describes another architecture.*{message}"):
+        gpt2.load_gpt2_weights(model, tiny_gpt2_folder / "model.safetensors")
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_gpt2_weights_with_a_matching_config_json_load(tiny_gpt2_folder):
+    model = GPTModel(GPTConfig(**GPT2_TINY, qkv_bias=True))
+    gpt2.load_gpt2_weights(model, tiny_gpt2_folder / "model.safetensors")

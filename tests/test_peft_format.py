@@ -10,6 +10,7 @@ from torch import nn
 
 from lora_helpers import adapter_files as af
 from lora_helpers import adapters as ad
+from lora_helpers import gpt2, peft_import
 from lora_helpers import peft_format as pf
 from lora_helpers.finetune import last_token_logits
 from lora_helpers.gpt2 import load_gpt2_weights
@@ -248,19 +249,19 @@ def test_scratch_base_converts_to_transformers(tmp_path):
     base = GPTModel(GPTConfig(vocab_size=1000, context_length=64, emb_dim=64, n_heads=2,
                               n_layers=2)).eval()  # fmt: skip
     with torch.no_grad():
-        close(pf.to_transformers(base)(IDX).logits, base(IDX))
+        close(gpt2.to_transformers(base)(IDX).logits, base(IDX))
     model = copy.deepcopy(base)
     ad.add_adapter(
         model, "x", LoRAConfig(2, 4), modules_to_save={"out_head": nn.Linear(64, 2, bias=False)}
     )
     randomise(our_lora_params(model) + [model.out_head.versions["x"].weight])
     af.save_adapter(model, tmp_path, format="peft")
-    hf = pf.to_transformers(base, num_labels=2, pad_token_id=PAD)
+    hf = gpt2.to_transformers(base, num_labels=2, pad_token_id=PAD)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
     with torch.no_grad():
         close(hf(PADDED).logits, last_token_logits(model, PADDED, LENGTHS))
     with pytest.raises(ValueError, match="carries adapters"):
-        pf.gpt2_state_dict(model)
+        gpt2.gpt2_state_dict(model)
 
 
 def test_classifier_with_an_embedding_update_exports_and_imports_exactly(checkpoint, tmp_path):
@@ -311,7 +312,7 @@ def test_a_peft_load_that_fails_half_way_with_any_error_changes_nothing(
     model = ours(checkpoint)
     ad.add_adapter(model, "chat", LoRAConfig(rank=2, alpha=2, targets="attention"))
     check = unchanged(model)
-    copy_, calls = pf._copy, []
+    copy_, calls = peft_import._copy, []
 
     def interrupted(*args):  # Ctrl-C a few layers in: not an Exception, yet undone too
         calls.append(1)
@@ -319,7 +320,7 @@ def test_a_peft_load_that_fails_half_way_with_any_error_changes_nothing(
             raise KeyboardInterrupt
         copy_(*args)
 
-    monkeypatch.setattr(pf, "_copy", interrupted)
+    monkeypatch.setattr(peft_import, "_copy", interrupted)
     with pytest.raises(KeyboardInterrupt):
         af.load_adapter(model, tmp_path, name="new")
     check()

@@ -1,11 +1,15 @@
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from lora_helpers import pretrain
+from lora_helpers import checkpoints, pretrain
 from lora_helpers import train as train_module
-from lora_helpers.checkpoints import read_checkpoint_metadata, save_checkpoint
+from lora_helpers.checkpoints import CheckpointError, read_checkpoint_metadata, save_checkpoint
 from lora_helpers.data import sms_pretraining_texts, sms_spam_split
 from lora_helpers.model import GPTModel, gpt_config
 from lora_helpers.tokenizer import END_OF_TEXT, get_tokenizer
@@ -184,3 +188,96 @@ def test_corpora_given_as_a_list_name_the_same_checkpoint():
     assert pretrain.base_checkpoint_path(listed) == pretrain.base_checkpoint_path(
         pretrain.FULL_RECIPE
     )
+
+
+# --- interrupted pretraining -----------------------------------------------------------------
+
+
+# Dropout on, so that resuming must restore the random number generators too; 600 tokens
+# make 17 windows, 4 batches an epoch, so the run shuffles anew twice in 8 steps.
+RESUMABLE = pretrain.PretrainRecipe(
+    preset="scratch-tiny",
+    dropout=0.1,
+    batch_size=4,
+    max_steps=8,
+    warmup_steps=2,
+    eval_every=4,
+    max_train_tokens=600,
+    corpora=("sms",),
+)
+
+
+PRETRAIN = """
+import os, sys, torch
+from lora_helpers import checkpoints, pretrain, train
+from lora_helpers.model import GPTModel, gpt_config
+from lora_helpers.pretrain import PretrainRecipe
+from lora_helpers.tokenizer import get_tokenizer
+from lora_helpers.checkpoints import CheckpointError
+
+recipe, kill_at = {recipe!r}, {kill_at!r}
+if kill_at is not None:  # die at the start of step `kill_at`, as a kill -9 would: no clean-up
+    step, calls = train.optimizer_step, []
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > kill_at:
+            os._exit(9)
+        return step(*args, **kwargs)
+    train.optimizer_step = dying
+torch.manual_seed(recipe.seed)
+cfg = gpt_config(recipe.preset, drop_rate=recipe.dropout)
+model = GPTModel(cfg)
+corpora = pretrain.pretraining_corpora(get_tokenizer(), recipe)
+loaders = pretrain.pretraining_loaders(corpora, cfg.context_length, recipe)
+pretrain.run_pretraining(model, *loaders, torch.device("cpu"), recipe, save_every=3)
+"""
+
+
+def pretrain_tiny(recipe, kill_at=None) -> GPTModel:
+    """Run PRETRAIN here (``kill_at=None``) and return the final model."""
+    scope = {}
+    exec(PRETRAIN.format(recipe=recipe, kill_at=kill_at), scope)
+    return scope["model"]
+
+
+def test_a_killed_pretraining_run_resumes_to_identical_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path / "uninterrupted"))
+    expected = pretrain_tiny(RESUMABLE)
+    assert not pretrain.resume_checkpoint_path(RESUMABLE).exists()  # deleted when complete
+
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path / "killed"))
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
+    script = PRETRAIN.format(recipe=RESUMABLE, kill_at=7)  # killed during step 8 of 8
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    assert killed.returncode == 9, killed.stderr.decode()[-2000:]
+    resume = pretrain.resume_checkpoint_path(RESUMABLE)
+    saved = checkpoints.read_resume_state(resume)
+    assert saved["step"] == 6 and saved["data"]["in_epoch"] == 2  # in the 2nd epoch
+
+    resumed = pretrain_tiny(RESUMABLE)  # run again: continues from step 6
+    assert not resume.exists()
+    state, reference = resumed.state_dict(), expected.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+
+
+def test_a_resume_file_from_another_recipe_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ARTIFACTS_DIR", str(tmp_path))
+    step, calls = train_module.optimizer_step, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during step 4
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_tiny(RESUMABLE)
+    monkeypatch.setattr(train_module, "optimizer_step", step)
+    resume = pretrain.resume_checkpoint_path(RESUMABLE)
+    saved = resume.read_bytes()
+    other = dataclasses.replace(RESUMABLE, lr=1e-3)
+    with pytest.raises(CheckpointError, match="saved by another run .* Delete it to start over"):
+        pretrain_tiny(other)
+    assert resume.read_bytes() == saved  # left as it was: the first recipe can still resume
