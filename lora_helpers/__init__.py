@@ -17,6 +17,7 @@ explained it:
 - ``adapter_config``: what an adapter folder holds, and the checks a loaded one must pass.
 - ``peft_format``: adapters written in Hugging Face PEFT's format, for ``transformers``' GPT-2.
 - ``peft_import``: a PEFT adapter for GPT-2 read into our GPT.
+- ``quant``: QLoRA's 4-bit base: NF4 codes, block-wise and double quantization, ``Linear4bit``.
 - ``finetune``: the classifier head and notebook 06's fine-tuning variants.
 - ``transfer``: what pretraining buys: fine-tuning from the base and from random weights.
 - ``pretrain``: the base model's recipe and data, ``load_base_model`` and ``choose_base``.

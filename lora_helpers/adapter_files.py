@@ -47,6 +47,7 @@ from .lora_model import lora_state_dict
 from .model import GPTConfig
 from .peft_format import save_peft_adapter
 from .peft_import import is_peft_adapter, load_peft_adapter
+from .quant import Linear4bit
 from .settings import display_path
 
 
@@ -67,8 +68,12 @@ def base_fingerprint(model: nn.Module, exclude: Iterable[str] = ()) -> str:
 def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters of the base under the names they have without adapters."""
     wrappers = adapter_wrappers(model)
+    stored = model.state_dict(keep_vars=True)  # persistent buffers too: a 4-bit layer's codes
+    tensors = dict(model.named_parameters()) | {
+        n: b for n, b in model.named_buffers() if n in stored
+    }
     base = {}
-    for name, param in model.named_parameters():
+    for name, param in tensors.items():
         owner = next((w for w in wrappers if name.startswith(f"{w}.")), None)
         if owner is None:
             base[name] = param
@@ -82,7 +87,11 @@ def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _architecture(model: nn.Module) -> dict:
     cfg: GPTConfig = model.cfg
-    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "drop_rate"}
+    architecture = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "drop_rate"}
+    quantized = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    if quantized:  # recorded only for a 4-bit base: an fp32 base's record stays as it was
+        architecture["quantized"] = f"NF4 ({len(quantized)} linear layers)"
+    return architecture
 
 
 def save_adapter(
@@ -276,7 +285,9 @@ def _check_base(model: nn.Module, config: dict, directory: Path) -> None:
             f"{'; '.join(diffs)}. Load it onto the base it was trained on."
         )
     layers = {
-        n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding | LoRAWrapper)
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Embedding | Linear4bit | LoRAWrapper)
     }
     missing = [t for t in config["targets"] if t not in layers]
     if missing:

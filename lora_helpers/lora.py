@@ -248,6 +248,7 @@ class LoRAWrapper(AdapterWrapper):
         ``safe``, refuse, changing nothing, if the merged weight would hold inf or NaN."""
         if self.merged or self.active is None:
             return
+        check_mergeable(self)
         merged = self.merged_weight()
         if safe and not torch.isfinite(merged).all():
             raise ValueError(
@@ -265,6 +266,17 @@ class LoRAWrapper(AdapterWrapper):
         weight = self.plain.weight
         weight.sub_(self.weight_delta().to(weight.dtype))
         self.merged = False
+
+
+def check_mergeable(layer: LoRAWrapper) -> None:
+    """Refuse a merge into a weight that is computed rather than stored (a 4-bit base layer,
+    ``quant.Linear4bit``): the merged update would be lost."""
+    if not isinstance(layer.plain.weight, nn.Parameter):
+        raise TypeError(
+            f"Cannot merge into a {type(layer.plain).__name__}: its weight is computed from a "
+            "quantized one, not stored. Dequantize the base first "
+            "(quant.dequantize_linears(model)), then merge."
+        )
 
 
 class LinearWithLoRA(LoRAWrapper):

@@ -19,9 +19,11 @@ from .lora import (
     LoRALayer,
     LoRAWrapper,
     check_fits,
+    check_mergeable,
     unwrap,
 )
 from .model import ATTENTION_LINEARS, BLOCK_LINEARS, FC1, FC2, QUERY, VALUE
+from .quant import Linear4bit
 
 
 def _short(name: str) -> str:
@@ -68,7 +70,7 @@ def _linear_layers(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(module, LoRAWrapper):
             wrapped.append(f"{name}.")
-        if isinstance(module, (nn.Linear, nn.Embedding, LoRAWrapper)):
+        if isinstance(module, (nn.Linear, nn.Embedding, Linear4bit, LoRAWrapper)):
             layers[name] = module
     return layers
 
@@ -186,6 +188,8 @@ def merge_lora(model: nn.Module, safe: bool = True) -> int:
     """Merge every LoRA layer into its plain weight; returns how many were merged. With
     ``safe``, every merged weight is checked first and nothing changes if one is not finite."""
     layers = [m for m in lora_layers(model).values() if not m.merged and m.active is not None]
+    for layer in layers:
+        check_mergeable(layer)  # all checked before the first merge
     with torch.no_grad():
         finite = [torch.isfinite(layer.merged_weight()).all() for layer in layers] if safe else []
     if not all(finite):
