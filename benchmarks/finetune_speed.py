@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from benchmarks import levers as lv
 from benchmarks import step_profile
 from benchmarks.flops import matmul_gflops, matmul_params
+from benchmarks.fused_qkv import fuse_qkv
 from benchmarks.peft_baseline import peft_available, peft_logits, peft_lora_model
 from benchmarks.report import (
     RESULTS_DIR,
@@ -315,9 +316,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def profile_steps(args: argparse.Namespace) -> dict:
-    """``benchmarks.step_profile`` on ours-lora, ours-full, peft-lora (when installed) and
-    notebook 06's LoRA (which also adapts the token embedding), on the benchmark's first
-    batches; rewrites its README table."""
+    """``benchmarks.step_profile`` on ours-lora, ours-full, peft-lora (when installed),
+    notebook 06's LoRA (which also adapts the token embedding) and ours-lora with fused q/k/v
+    (``benchmarks.fused_qkv``), on the benchmark's first batches; rewrites its README table."""
     device = get_device()
     recipe = ft.FULL_FINETUNE.with_lora_targets("blocks")
     base, base_note = base_model(args.preset, args.pretrain, recipe.seed)
@@ -330,7 +331,9 @@ def profile_steps(args: argparse.Namespace) -> dict:
         "ours-lora": build_model("ours-lora", base, recipe),
         "ours-full": build_model("ours-full", base, recipe),
         "notebook 06's LoRA (+ embedding)": ft.prepare_variant(base, "lora-r16", ft.FULL_FINETUNE),
+        "ours-lora, fused q/k/v": build_model("ours-lora", base, recipe),
     }
+    fuse_qkv(models["ours-lora, fused q/k/v"])
     if peft_available():
         models["peft-lora"] = build_model("peft-lora", base, recipe)
     setups = {

@@ -17,7 +17,10 @@ swaps are built here and plugged into the library's loop, ``train.train`` (calle
   the same pieces (``fast.GraphedStep``, ``fast.optimizer_step``), each switch its own;
 - ``bf16_frozen_base``: ``cast_frozen_base`` (below) (CUDA GPUs with bf16 only; off in ours);
 - ``compile``: ``torch.compile`` on the model (off in ours: on our short runs of many batch
-  shapes its compilations cost more than they save; the study measures it).
+  shapes its compilations cost more than they save; the study measures it);
+- ``fused_qkv``: each attention layer's frozen q/k/v products in one GEMM over weights
+  concatenated once, and their LoRA A factors in one product (``benchmarks.fused_qkv``; off in
+  ours, where it has not paid).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from benchmarks.fused_qkv import fuse_qkv
 from lora_helpers import finetune as ft
 from lora_helpers.checkpoints import Batches
 from lora_helpers.data import PAD_ID, Message
@@ -62,6 +66,7 @@ class Levers:
     cuda_graphs: bool = True
     bf16_frozen_base: bool = False
     compile: bool = False
+    fused_qkv: bool = False
 
 
 OURS = Levers()
@@ -262,6 +267,8 @@ def finetune_with(
     set_sdpa(model, levers.sdpa)
     if levers.bf16_frozen_base and levers.autocast and capabilities(device).bf16_autocast:
         cast_frozen_base(model)
+    if levers.fused_qkv:
+        fuse_qkv(model)
     if levers.compile:
         model.compile(dynamic=True)  # in place: the batches come in many lengths
     params = [p for p in model.parameters() if p.requires_grad]

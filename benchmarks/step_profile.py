@@ -3,8 +3,8 @@
 The step is ``finetune.finetune``'s (the classification loss, backward, clipping, fused AdamW)
 on the benchmark's batches (notebook 06's recipe, the pretrained base when it is there), timed
 phase by phase (forward, backward, optimizer; the variants' steps interleaved) and then
-profiled: the operators with the most self time per step and the number of operators per step
-that do the work (those that call no other operator).
+profiled: the operators with the most self time per step, the number of operators per step
+that do the work (those that call no other operator), and the activations kept for backward.
 ``python -m benchmarks.finetune_speed --profile`` runs it and rewrites the table in
 ``benchmarks/README.md``.
 """
@@ -42,6 +42,25 @@ def step_phases(model, params, optimizer, batch, device, loss_fn) -> dict[str, f
     return {phase: marks[i + 1] - marks[i] for i, phase in enumerate(PHASES)}
 
 
+def saved_for_backward_mib(model, batch, device, loss_fn) -> float:
+    """MiB that autograd keeps from one step's forward pass for its backward pass (each storage
+    once): the activations backward needs. For a frozen linear layer it keeps the weight (a
+    view) and never the layer's input, which only a weight gradient would need."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn(model, batch, device)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(n for ptr, n in storages.items() if ptr not in parameters) / 2**20
+
+
 def profile_variants(
     setups: dict[str, tuple[torch.nn.Module, float, LogitsFn]],
     batches: list,
@@ -75,8 +94,10 @@ def profile_variants(
                 step_phases(model, params, optimizer, batch, device, loss_fn)
         ops = [e for e in prof.events() if e.name.startswith("aten::")]
         leaves = [e for e in ops if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+        saved = saved_for_backward_mib(model, batches[warmup], device, loss_fn)
         profiles[name] = {
             "ms": {ph: 1e3 * statistics.median(t[ph] for t in times[name]) for ph in PHASES},
+            "saved_mib": saved,
             "leaf_ops_per_step": len(leaves) / profiled,
             "ops": {  # name -> (self ms per step, calls per step)
                 e.key: (e.self_cpu_time_total / 1e3 / profiled, e.count / profiled)
@@ -101,6 +122,8 @@ def format_profile(profiles: dict[str, dict], top: int = 8) -> str:
     lines.append("| **sum (ms)** | " + " | ".join(total) + " |")
     leaves = [f"{p['leaf_ops_per_step']:,.0f}" for p in profiles.values()]
     lines.append("| operators doing the work | " + " | ".join(leaves) + " |")
+    saved = [f"{p['saved_mib']:.1f}" for p in profiles.values()]
+    lines.append("| kept for backward (MiB, first batch) | " + " | ".join(saved) + " |")
     ranked = Counter()
     for p in profiles.values():
         for name, (ms, _) in p["ops"].items():

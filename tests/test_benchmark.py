@@ -1,6 +1,7 @@
 """A smoke run of benchmarks/finetune_speed.py and tests of its levers (benchmarks/levers.py).
 Speed itself is never asserted (it depends on the machine)."""
 
+import copy
 import json
 from dataclasses import fields, replace
 
@@ -10,9 +11,11 @@ import torch
 from benchmarks import finetune_speed as bench
 from benchmarks import levers as lv
 from benchmarks import report
+from benchmarks.fused_qkv import fuse_qkv
 from lora_helpers import finetune as ft
 from lora_helpers.data import PAD_ID, message_loaders
 from lora_helpers.device import capabilities
+from lora_helpers.lora import LoRAConfig
 from lora_helpers.model import GPTModel, MultiHeadAttention, gpt_config
 
 CPU = torch.device("cpu")
@@ -99,6 +102,7 @@ def test_lever_study_flips_one_lever_at_a_time():
         "without last_token_block",
         "without fused_adamw",
         "with compile",
+        "with fused_qkv",
     }
     for levers in on_cpu.values():
         changed = [
@@ -243,13 +247,48 @@ def test_step_profile_times_each_phase_and_counts_the_operators(base, tmp_path):
         assert set(profile["ms"]) == set(step_profile.PHASES)
         assert all(ms > 0 for ms in profile["ms"].values())
         assert profile["leaf_ops_per_step"] > 10 and "aten::mm" in profile["ops"]
+        assert profile["saved_mib"] > 0
     # LoRA's adapters add matrix products: more mm calls per step than full fine-tuning
     assert profiles["lora-r8"]["ops"]["aten::mm"][1] > profiles["full"]["ops"]["aten::mm"][1]
     with pytest.raises(ValueError, match="Need 13 batches"):
         step_profile.profile_variants(setups, batches[:5], CPU, warmup=3, timed=10, profiled=4)
     table = step_profile.format_profile(profiles, top=3)
     assert "| per training step | lora-r8 | full |" in table and "| `mm` |" in table
+    assert "| kept for backward (MiB, first batch) |" in table
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{step_profile.START}\nold\n{step_profile.END}\nrest\n")
     step_profile.update_readme(table, readme)
     assert readme.read_text() == f"intro\n{step_profile.START}\n{table}\n{step_profile.END}\nrest\n"
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_qkv_computes_what_the_separate_layers_compute(qkv_bias):
+    """The fused path's logits (at every position and at the last tokens) and the LoRA and
+    head gradients equal the library's separate layers' within 1e-5."""
+    torch.manual_seed(0)
+    base = GPTModel(gpt_config("scratch-tiny", context_length=32, qkv_bias=qkv_bias)).eval()
+    recipe = ft.FULL_FINETUNE.with_lora_targets("blocks")
+    plain = ft.prepare_variant(base, "lora-r8", recipe)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(std=0.1)
+    fused = copy.deepcopy(plain)
+    assert fuse_qkv(fused) == base.cfg.n_layers
+    input_ids = torch.randint(0, 100, (3, 12))
+    lengths = torch.tensor([12, 5, 1])
+    torch.testing.assert_close(fused(input_ids), plain(input_ids), rtol=0, atol=1e-5)
+    for model in (plain, fused):
+        model.zero_grad()
+        ft.classification_loss(model, (input_ids, lengths, torch.tensor([0, 1, 1])), CPU).backward()
+    grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
+    expected = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    assert len(grads) == len(expected) == 2 + 12 * base.cfg.n_layers  # head + 6 adapters/block
+    for (name, grad), want in zip(grads.items(), expected.values(), strict=True):
+        torch.testing.assert_close(grad, want, rtol=0, atol=1e-5, msg=name)
+
+
+def test_fused_qkv_refuses_dropout_and_olora(base):
+    recipe = replace(ft.FULL_FINETUNE, lora_variants={"lora-r8": LoRAConfig(8, 8, dropout=0.1)})
+    with pytest.raises(ValueError, match="without dropout"):
+        fuse_qkv(ft.prepare_variant(base, "lora-r8", recipe))
