@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,11 @@ SCALE_BLOCK = 256  # absmax values per second-level scale (double quantization)
 NF4_OFFSET = 0.9677083  # 1 - (1/(2·15) + 1/(2·16)) / 2: the largest code value's quantile
 
 
+@cache
 def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
     """The 16 NF4 values: quantiles of the standard normal, 8 for the positive half and 7 for
-    the negative half (so that 0 is a code of its own), scaled into [-1, 1]."""
+    the negative half (so that 0 is a code of its own), scaled into [-1, 1]. Built once: every
+    dequantization reads it (do not modify the returned tensor)."""
     quantiles = torch.linspace(offset, 0.5, 9), torch.linspace(offset, 0.5, 8)  # fp32
     positive = torch.special.ndtri(quantiles[0][:-1].double())
     negative = -torch.special.ndtri(quantiles[1][:-1].double())
@@ -33,6 +36,7 @@ def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
     return values / values.max()  # in fp32, as bitsandbytes' table was made
 
 
+@cache
 def dynamic_code() -> torch.Tensor:
     """bitsandbytes' signed dynamic 8-bit map (256 values in [-1, 1]): for each power of ten
     from 1e-6 to 1, evenly spaced fractions, more of them for larger magnitudes; plus 0 and 1."""
@@ -50,6 +54,7 @@ def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """The index of the code value nearest to each entry of ``x`` (``code`` sorted ascending):
     the code value at or below it, or the one above where that is strictly nearer (a tie goes
     down), as bitsandbytes decides it."""
+    code = code.to(x.device)
     below = (torch.searchsorted(code, x, right=True) - 1).clamp(0, len(code) - 2)
     nearer_above = (x - code[below + 1]).abs() < (x - code[below]).abs()
     return (below + nearer_above).to(torch.uint8)
@@ -83,7 +88,8 @@ def dequantize_blockwise(
     indices: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block: int
 ) -> torch.Tensor:
     """The inverse of ``quantize_blockwise``: code values times their block's absmax (flat)."""
-    return (code[indices.long()].reshape(-1, block) * absmax[:, None]).flatten()
+    values = code.to(indices.device)[indices.long()]  # the table lives on the CPU
+    return (values.reshape(-1, block) * absmax[:, None]).flatten()
 
 
 def pack_4bit(indices: torch.Tensor) -> torch.Tensor:
